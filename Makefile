@@ -1,0 +1,33 @@
+# tuneflow: `make run` (whole pipeline), `make test` (what CI runs), `make setup` (.venv only).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# this machine's pip config lists local indexes that print one warning per package: drop those lines only
+PIP_QUIET := 2>&1 | sed '/is ignored: it is neither a file nor a directory/d'
+
+.PHONY: setup run test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip $(PIP_QUIET)
+	# torch first, pinned: pip takes the CPU wheel from this machine's disk instead of a multi-GB CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0 $(PIP_QUIET)
+	$(BIN)/pip install --quiet -e '.[dev]' $(PIP_QUIET)
+	$(BIN)/python -c "import tuneflow.cli, torch, transformers, peft, mlflow, prefect, onnxruntime"
+	touch $@
+
+run: setup
+	$(BIN)/tuneflow run
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/pipeline_wall_time.py
+
+clean:
+	rm -rf artifacts .tuneflow mlflow.db mlartifacts

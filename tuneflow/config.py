@@ -1,0 +1,212 @@
+"""The one config schema: params.yaml, pipelines.yaml and `--set key=value` overrides."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tuneflow.errors import InputError
+
+BUILTIN_BBC = "builtin:bbc"
+BUILTIN_MINILM = "builtin:all-MiniLM-L6-v2"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: str = BUILTIN_BBC
+    text_column: str | int = "text"
+    label_column: str | int = "label"
+    sample: int | None = Field(default=None, gt=0)
+    dedup: bool = True
+    validation_fraction: float = Field(default=0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(default=0.2, gt=0, lt=0.5)
+    seed: int = 42
+    max_invalid_fraction: float = Field(default=0.1, ge=0, le=1)
+    encoding: str = "utf-8"
+
+
+class ValidationConfig(Section):
+    evidence_rows: int = Field(default=20, ge=1)
+    min_rows_per_split: int = Field(default=1, ge=1)
+
+
+class ModelConfig(Section):
+    base: str = BUILTIN_MINILM
+    max_length: int = Field(default=128, ge=8, le=8192)
+    trust_remote_code: bool = False
+
+
+class LoraConfig(Section):
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class TrainConfig(Section):
+    method: str = "lora"
+    epochs: float = Field(default=3, gt=0)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    batch_size: int = Field(default=16, ge=1)
+    eval_batch_size: int = Field(default=64, ge=1)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_ratio: float = Field(default=0.06, ge=0, lt=1)
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
+    early_stopping_patience: int = Field(default=2, ge=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    bf16: Literal["auto"] | bool = "auto"
+    seed: int = 42
+    threads: int | None = Field(default=None, ge=1)
+    lora: LoraConfig = LoraConfig()
+
+    @model_validator(mode="after")
+    def _known_method(self) -> "TrainConfig":
+        from tuneflow.methods import METHODS
+
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        return self
+
+
+class ExportConfig(Section):
+    opset: int = Field(default=18, ge=14)
+    max_abs_logit_diff: float = Field(default=1e-3, gt=0)
+    min_argmax_agreement: float = Field(default=0.995, ge=0, le=1)
+    parity_batch_size: int = Field(default=16, ge=1)
+
+
+class EvaluateConfig(Section):
+    min_accuracy: float = Field(default=0.85, ge=0, le=1)
+    min_macro_f1: float = Field(default=0.85, ge=0, le=1)
+    max_latency_p95_ms: float = Field(default=100.0, gt=0)
+    latency_samples: int = Field(default=500, ge=1)
+    latency_warmup: int = Field(default=20, ge=0)
+    threads: int | None = Field(default=None, ge=1)
+
+
+class PromoteConfig(Section):
+    model_name: str = Field(default="tuneflow-bbc-news", min_length=1)
+    max_f1_drop: float = Field(default=0.01, ge=0, le=1)
+
+
+class Params(Section):
+    artifacts: str = "artifacts"
+    data: DataConfig = DataConfig()
+    validation: ValidationConfig = ValidationConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    promote: PromoteConfig = PromoteConfig()
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some sections (or all): what a stage's output depends on."""
+        dumped = self.model_dump(mode="json")
+        picked = {name: dumped[name] for name in sections} if sections else dumped
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Pipeline(Section):
+    description: str = ""
+    source: str | None = None
+    method: str | None = None
+    set: dict[str, Any] = {}
+    schedule: str | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        if self.source is not None:
+            merged["data.source"] = self.source
+        if self.method is not None:
+            merged["train.method"] = self.method
+        merged.update(self.set)
+        return merged
+
+
+class PipelinesFile(Section):
+    default: str
+    pipelines: dict[str, Pipeline]
+
+    @model_validator(mode="after")
+    def _default_exists(self) -> "PipelinesFile":
+        if self.default not in self.pipelines:
+            raise ValueError(f"default pipeline {self.default!r} is not defined under 'pipelines'")
+        return self
+
+
+def parse_set(pairs: list[str]) -> dict[str, Any]:
+    """`["train.epochs=2", ...]` -> {"train.epochs": 2}; values are YAML scalars."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--set {pair!r}: expected KEY=VALUE, e.g. train.epochs=2")
+        try:
+            overrides[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            overrides[key.strip()] = raw
+    return overrides
+
+
+def _apply(tree: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise InputError(f"{origin}: unknown key {dotted!r} ({'.'.join(parts[: depth + 1])} is not a section)")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(error: ValidationError, origin: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{origin}: unknown key {key!r}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{origin}: invalid value for {key!r}: {message} (got {first.get('input')!r})"
+
+
+def load_params(params_path: str | Path = "params.yaml", *layers: tuple[str, dict[str, Any]]) -> Params:
+    """Read params.yaml (defaults if it does not exist), then apply override layers in order.
+
+    Each layer is (origin, {"section.key": value}); the origin names where a bad key came from.
+    """
+    path = Path(params_path)
+    tree: dict[str, Any] = {}
+    if path.exists():
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise InputError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise InputError(f"{path}: expected a mapping of sections at the top level")
+    for origin, overrides in ((str(path), {}), *layers):
+        for key, value in overrides.items():
+            _apply(tree, key, value, origin)
+        try:
+            params = Params.model_validate(tree)
+        except ValidationError as error:
+            raise InputError(_describe(error, origin)) from None
+    return params
+
+
+def load_pipelines(path: str | Path = "pipelines.yaml") -> PipelinesFile:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    try:
+        return PipelinesFile.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    except yaml.YAMLError as error:
+        raise InputError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    except ValidationError as error:
+        raise InputError(_describe(error, str(path))) from None

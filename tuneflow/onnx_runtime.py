@@ -1,0 +1,62 @@
+"""The shipped artifact at run time: an ONNX Runtime session plus its tokenizer and label names.
+
+An export bundle is `model.onnx` + an assets folder (tokenizer files and serving.json). The same
+assets travel into the MLflow registry as the ONNX model's `extra_files`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tuneflow.artifacts import read_json
+
+INPUT_NAMES = ["input_ids", "attention_mask"]
+
+
+class OnnxClassifier:
+    def __init__(self, onnx_path: Path, assets_dir: Path, threads: int | None = None):
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        serving = read_json(assets_dir / "serving.json")
+        self.labels: list[str] = serving["labels"]
+        self.max_length: int = serving["max_length"]
+        self.tokenizer = AutoTokenizer.from_pretrained(assets_dir)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+    @classmethod
+    def from_export(cls, export_dir: Path, threads: int | None = None) -> "OnnxClassifier":
+        return cls(export_dir / "model.onnx", export_dir / "assets", threads)
+
+    @classmethod
+    def from_mlflow_model(cls, model_dir: Path, threads: int | None = None) -> "OnnxClassifier":
+        return cls(model_dir / "model.onnx", model_dir / "extra_files", threads)
+
+    def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="np")
+        return {name: encoded[name].astype(np.int64) for name in INPUT_NAMES}
+
+    def logits(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        outputs = [self.session.run(["logits"], self.encode(texts[start : start + batch_size]))[0]
+                   for start in range(0, len(texts), batch_size)]
+        return np.concatenate(outputs, axis=0)
+
+    def predict(self, texts: list[str]) -> list[str]:
+        return [self.labels[index] for index in self.logits(texts).argmax(axis=-1)]
+
+    def latency_ms(self, texts: list[str], samples: int, warmup: int) -> np.ndarray:
+        """Batch-1 request latency (tokenize + run), cycling through `texts`, after `warmup` requests."""
+        for index in range(warmup):
+            self.session.run(["logits"], self.encode([texts[index % len(texts)]]))
+        timings = np.empty(samples)
+        for index in range(samples):
+            started = time.perf_counter()
+            self.session.run(["logits"], self.encode([texts[index % len(texts)]]))
+            timings[index] = (time.perf_counter() - started) * 1000
+        return timings
