@@ -58,13 +58,12 @@ def ingest(cfg: DataConfig, out_dir: Path) -> IngestResult:
     if rows_read == 0:
         raise InputError(f"{origin}: no rows after loading (data.source)")
 
-    texts = raw["text"].map(lambda value: None if _is_null(value) else str(value))
-    labels = raw["label"].map(lambda value: None if _is_missing(value) else _label_str(value))
-    stripped = labels.map(lambda value: value.strip() if value is not None else None)
-    cleaning.labels_whitespace_stripped = int(((labels != stripped) & labels.notna()).sum())
-    labels = stripped.map(lambda value: value or None)
-    empty_text = texts.isna() | texts.map(lambda value: value is not None and not value.strip())
-    empty_label = labels.isna()
+    texts = [None if _is_null(value) or not str(value).strip() else str(value).strip() for value in raw["text"]]
+    raw_labels = [None if _is_missing(value) else _label_str(value) for value in raw["label"]]
+    labels = [value.strip() or None if value is not None else None for value in raw_labels]
+    cleaning.labels_whitespace_stripped = sum(1 for before, after in zip(raw_labels, labels) if after and before != after)
+    empty_text = pd.Series([text is None for text in texts])
+    empty_label = pd.Series([label is None for label in labels])
     if empty_label.all():
         raise InputError(f"{origin}: label column {cfg.label_column!r} has no usable value (data.label_column)")
     if empty_text.all():
@@ -76,7 +75,8 @@ def ingest(cfg: DataConfig, out_dir: Path) -> IngestResult:
             f"{origin}: {int(invalid.sum())} of {rows_read} rows have an empty text or label "
             f"({invalid_fraction:.1%} > data.max_invalid_fraction={cfg.max_invalid_fraction})"
         )
-    frame = pd.DataFrame({"text": texts[~invalid].str.strip(), "label": labels[~invalid]}).reset_index(drop=True)
+    keep = ~invalid.to_numpy()
+    frame = pd.DataFrame({"text": [t for t, k in zip(texts, keep) if k], "label": [l for l, k in zip(labels, keep) if k]}, dtype=str)
 
     duplicates_dropped = 0
     if cfg.dedup:

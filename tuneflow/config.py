@@ -157,14 +157,22 @@ def parse_set(pairs: list[str]) -> dict[str, Any]:
 
 
 def _apply(tree: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
+    """Set `section.key` in the raw tree, walking the schema so an unknown key is named as such."""
     parts = dotted.split(".")
-    node = tree
-    for depth, part in enumerate(parts[:-1]):
+    node, section = tree, Params
+    for depth, part in enumerate(parts):
+        field = section.model_fields.get(part)
+        if field is None:
+            raise InputError(f"{origin}: unknown key {dotted!r}")
+        if depth == len(parts) - 1:
+            node[part] = value
+            return
+        if not (isinstance(field.annotation, type) and issubclass(field.annotation, Section)):
+            raise InputError(f"{origin}: unknown key {dotted!r} ({'.'.join(parts[: depth + 1])} is not a section)")
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise InputError(f"{origin}: unknown key {dotted!r} ({'.'.join(parts[: depth + 1])} is not a section)")
-        node = child
-    node[parts[-1]] = value
+            raise InputError(f"{origin}: {'.'.join(parts[: depth + 1])} must be a mapping")
+        node, section = child, field.annotation
 
 
 def _describe(error: ValidationError, origin: str) -> str:

@@ -44,6 +44,7 @@ def load_classifier(cfg: ModelConfig, labels: list[str]):
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={label: index for index, label in enumerate(labels)},
+            ignore_mismatched_sizes=True,  # a base that already has a classifier head gets a fresh one
             trust_remote_code=cfg.trust_remote_code,
         )
     finally:

@@ -39,7 +39,7 @@ class Registry:
             found = self.client.get_model_version_by_alias(name, alias)
         except MlflowException:
             return None
-        return Version(found.name, found.version, found.run_id, dict(found.tags))
+        return Version(found.name, str(found.version), found.run_id, dict(found.tags))
 
     def download(self, version: Version, into: Path) -> Path:
         import mlflow

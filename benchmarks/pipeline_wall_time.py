@@ -1,0 +1,84 @@
+"""Wall time of the default job (`tuneflow run`, what `make run` does after setup) and a TF-IDF baseline.
+
+Runs in a scratch directory with its own MLflow store so the repository's registry is untouched.
+The TF-IDF + logistic-regression baseline (scikit-learn) is fitted on the same train split and scored
+on the same test split, in the same run. Prints a table and appends it to benchmarks/RESULTS.md.
+
+    .venv/bin/python benchmarks/pipeline_wall_time.py [--set KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score
+
+REPO = Path(__file__).resolve().parents[1]
+TUNEFLOW = Path(sys.executable).parent / "tuneflow"
+
+
+def tfidf_baseline(data_dir: Path) -> dict[str, float]:
+    train, test = (pd.read_parquet(data_dir / f"{name}.parquet") for name in ("train", "test"))
+    started = time.perf_counter()
+    vectorizer = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2)
+    classifier = LogisticRegression(max_iter=2000, C=10.0)
+    classifier.fit(vectorizer.fit_transform(train["text"]), train["label"])
+    predicted = classifier.predict(vectorizer.transform(test["text"]))
+    return {"macro_f1": f1_score(test["label"], predicted, average="macro"), "accuracy": accuracy_score(test["label"], predicted),
+            "seconds": time.perf_counter() - started}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="tuneflow-bench-"))
+    for name in ("params.yaml", "pipelines.yaml"):
+        shutil.copy(REPO / name, scratch / name)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{scratch / 'mlflow.db'}", "PREFECT_HOME": str(scratch / ".prefect")}
+    command = [str(TUNEFLOW), "run"] + [f"--set={pair}" for pair in args.overrides]
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"tuneflow run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    artifacts = scratch / "artifacts"
+    metrics = json.loads((artifacts / "eval" / "metrics.json").read_text())
+    summary = json.loads((artifacts / "model" / "train_summary.json").read_text())
+    card = json.loads((artifacts / "data" / "data_card.json").read_text())
+    baseline = tfidf_baseline(artifacts / "data")
+    latency = metrics["latency_ms"]
+    rows = [
+        ("default job wall time (tuneflow run, incl. Prefect start)", f"{wall:.0f} s ({wall / 60:.1f} min)", "≤ 600 s (stretch 300 s)"),
+        ("  of which training", f"{summary['train_time_s']:.0f} s, {summary['epochs_run']:g} epochs, {summary['train_samples_per_s']:.1f} samples/s", ""),
+        ("tuneflow test macro-F1 (ONNX, LoRA)", f"{metrics['macro_f1']:.4f}", "≥ 0.95"),
+        ("tuneflow test accuracy", f"{metrics['accuracy']:.4f}", ""),
+        ("TF-IDF + logistic regression macro-F1 (same split)", f"{baseline['macro_f1']:.4f} ({baseline['seconds']:.1f} s)", "reference"),
+        ("batch-1 latency P50 / P95 / P99", f"{latency['p50']:.1f} / {latency['p95']:.1f} / {latency['p99']:.1f} ms", ""),
+        ("data", f"train {card['counts']['train']}, validation {card['counts']['validation']}, test {card['counts']['test']}", ""),
+    ]
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    header = (f"## Default pipeline wall time — {stamp}\n\nMachine: {os.cpu_count()} cores, {platform.machine()}, "
+              f"torch threads default; command `{' '.join(['tuneflow', 'run'] + args.overrides)}`\n\n")
+    table = "| measure | value | target |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows) + "\n"
+    print(header + table)
+    with open(REPO / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as results:
+        results.write("\n" + header + table)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny BERT built from a config (no hub), small real data, isolated working dirs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+MR_CSV = SHARED / "datasets" / "mr-polarity" / "mr.csv"
+TUNEFLOW = Path(sys.executable).parent / "tuneflow"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT with random weights and the MiniLM tokenizer, saved like a hub model."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from tuneflow.models import resolve_base
+    from tuneflow.config import BUILTIN_MINILM
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base(BUILTIN_MINILM))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """Run in an empty directory with its own MLflow store and Prefect home."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / ".prefect"))
+    return tmp_path
+
+
+def topic_frame(rows_per_class: int = 30) -> pd.DataFrame:
+    """Small separable 3-class data: each class has its own vocabulary."""
+    vocab = {
+        "sport": ["match", "goal", "team", "league", "coach", "score", "season", "striker"],
+        "money": ["market", "shares", "profit", "bank", "investor", "stock", "price", "trade"],
+        "music": ["album", "band", "song", "concert", "guitar", "singer", "chart", "tour"],
+    }
+    rows = []
+    for label, words in vocab.items():
+        for index in range(rows_per_class):
+            picked = [words[(index * 3 + offset) % len(words)] for offset in range(6)]
+            rows.append({"text": f"{' '.join(picked)} number {index} for {label}", "label": label})
+    return pd.DataFrame(rows)
+
+
+def write_params(folder: Path, **sections) -> Path:
+    import yaml
+
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(sections), encoding="utf-8")
+    return path
+
+
+def copy_repo_files(target: Path, *names: str) -> None:
+    for name in names:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, target / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, target / name)

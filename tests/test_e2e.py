@@ -1,0 +1,63 @@
+"""End to end on real data with the real pre-trained model: `tuneflow run` and `dvc repro` (minutes)."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import TUNEFLOW, copy_repo_files, topic_frame, write_params
+from tuneflow.registry import Registry
+
+pytestmark = pytest.mark.e2e
+
+
+def test_tuneflow_run_promotes_a_real_model(workdir):
+    copy_repo_files(workdir, "params.yaml", "pipelines.yaml")
+    result = subprocess.run(
+        [str(TUNEFLOW), "run", "--set", "data.sample=300", "--set", "train.epochs=2", "--set", "model.max_length=64",
+         "--set", "evaluate.min_accuracy=0.5", "--set", "evaluate.min_macro_f1=0.5", "--set", "promote.model_name=e2e-bbc"],
+        cwd=workdir, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    artifacts = workdir / "artifacts"
+    card = json.loads((artifacts / "data" / "data_card.json").read_text())
+    assert card["rows_kept"] == 300 and card["dropped"]["duplicates"] == 101
+    assert json.loads((artifacts / "validation" / "report.json").read_text())["passed"]
+    assert (artifacts / "model" / "adapter_model.safetensors").exists()
+    parity = json.loads((artifacts / "export" / "parity.json").read_text())
+    assert parity["passed"] and parity["texts"] == card["counts"]["test"]
+    metrics = json.loads((artifacts / "eval" / "metrics.json").read_text())
+    assert metrics["macro_f1"] > 0.5 and metrics["latency_ms"]["samples"] >= 500  # 5 classes: chance is 0.2
+    decision = json.loads((artifacts / "promotion" / "decision.json").read_text())
+    assert decision["promoted"] and decision["alias"] == "champion" and decision["model_name"] == "e2e-bbc"
+    assert Registry().by_alias("e2e-bbc", "champion").version == decision["version"]
+    for stage in ("ingest", "validate", "train", "export", "evaluate", "promote"):
+        assert f"✔ {stage} done in" in result.stderr
+    assert "test macro-F1" in result.stdout and "e2e-bbc v1 @champion" in result.stdout
+
+
+def test_dvc_repro_runs_the_chain_then_nothing(workdir, tiny_model):
+    copy_repo_files(workdir, "dvc.yaml", "tasks", "tuneflow")
+    topic_frame(30).to_csv(workdir / "topics.csv", index=False)
+    write_params(workdir, data={"source": "topics.csv"}, model={"base": str(tiny_model), "max_length": 32},
+                 train={"epochs": 1, "batch_size": 8}, evaluate={"latency_samples": 20, "min_accuracy": 0.0, "min_macro_f1": 0.0},
+                 promote={"model_name": "dvc-tiny"})
+    env = {**os.environ, "PATH": f"{TUNEFLOW.parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def run(*args):
+        done = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        return done.stdout
+
+    run("git", "init", "-q")
+    run(str(TUNEFLOW.parent / "dvc"), "init", "-q")
+    first = run(str(TUNEFLOW.parent / "dvc"), "repro")
+    for stage in ("ingest", "validate", "train", "export", "evaluate", "promote"):
+        assert f"Running stage '{stage}'" in first
+    assert json.loads((workdir / "artifacts" / "promotion" / "decision.json").read_text())["version"] == "1"
+    second = run(str(TUNEFLOW.parent / "dvc"), "repro")
+    assert "Running stage" not in second and "up to date" in second
+    metrics = run(str(TUNEFLOW.parent / "dvc"), "metrics", "show")
+    assert "exact_leakage" in metrics and "macro_f1" in metrics
+    assert Registry().by_alias("dvc-tiny", "champion").version == "1"  # the no-op repro registered nothing
