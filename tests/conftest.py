@@ -60,10 +60,14 @@ def topic_frame(rows_per_class: int = 30) -> pd.DataFrame:
 
 
 def write_params(folder: Path, **sections) -> Path:
+    """The repository's params.yaml with some keys of some sections replaced (DVC needs every section)."""
     import yaml
 
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    for section, values in sections.items():
+        params[section].update(values)
     path = folder / "params.yaml"
-    path.write_text(yaml.safe_dump(sections), encoding="utf-8")
+    path.write_text(yaml.safe_dump(params), encoding="utf-8")
     return path
 
 

@@ -69,7 +69,7 @@ def dispatch(args: argparse.Namespace) -> int:
     params = load_params(args.params, command_line)
     layout = Layout(Path(params.artifacts))
     with progress.stage(args.command):
-        STAGES[args.command](params, layout, pipeline=os.environ.get("TUNEFLOW_PIPELINE", "default"))
+        STAGES[args.command](params, layout, pipeline="stage-by-stage (params.yaml)")
     return EXIT_OK
 
 

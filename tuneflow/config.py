@@ -53,7 +53,7 @@ class LoraConfig(Section):
 
 class TrainConfig(Section):
     method: str = "lora"
-    epochs: float = Field(default=3, gt=0)
+    epochs: float = Field(default=2, gt=0)
     learning_rate: float = Field(default=1e-3, gt=0)
     batch_size: int = Field(default=16, ge=1)
     eval_batch_size: int = Field(default=64, ge=1)
