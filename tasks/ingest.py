@@ -195,17 +195,7 @@ def decode_file(path: Path, cfg: DataConfig, cleaning: Cleaning) -> str:
         raw = raw[3:]
         cleaning.bom_removed = True
     lines = raw.split(b"\n")
-    decoded = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            decoded.append(line.decode(cfg.encoding))
-        except UnicodeDecodeError as error:
-            decoded.append(line.decode(cfg.encoding, errors="replace"))
-            cleaning.rows_with_invalid_bytes_replaced += 1
-            if len(cleaning.invalid_bytes_examples) < 5:
-                cleaning.invalid_bytes_examples.append(f"{path.name}:{number} byte {error.start}")
-        except LookupError:
-            raise InputError(f"data.encoding: unknown encoding {cfg.encoding!r}") from None
+    decoded = [decode(line, f"{path.name}:{number}", cfg.encoding, cleaning) for number, line in enumerate(lines, start=1)]
     if cleaning.rows_with_invalid_bytes_replaced > cfg.max_invalid_fraction * max(len(lines), 1):
         raise InputError(
             f"{path}: {cleaning.rows_with_invalid_bytes_replaced} of {len(lines)} lines are not valid {cfg.encoding} "
@@ -216,6 +206,19 @@ def decode_file(path: Path, cfg: DataConfig, cleaning: Cleaning) -> str:
         cleaning.crlf_line_endings = True
         text = text.replace("\r\n", "\n")
     return text
+
+
+def decode(raw: bytes, where: str, encoding: str, cleaning: Cleaning) -> str:
+    """Strict decode; on failure replace the bad bytes and count the row (the caller enforces the limit)."""
+    try:
+        return raw.decode(encoding)
+    except LookupError:
+        raise InputError(f"data.encoding: unknown encoding {encoding!r}") from None
+    except UnicodeDecodeError as error:
+        cleaning.rows_with_invalid_bytes_replaced += 1
+        if len(cleaning.invalid_bytes_examples) < 5:
+            cleaning.invalid_bytes_examples.append(f"{where} byte {error.start}")
+        return raw.decode(encoding, errors="replace")
 
 
 def read_delimited(path: Path, content: str, file_format: str, cfg: DataConfig, cleaning: Cleaning) -> pd.DataFrame:
@@ -276,14 +279,7 @@ def read_folder(folder: Path, cfg: DataConfig, cleaning: Cleaning) -> pd.DataFra
     rows = []
     for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for file in sorted(class_dir.glob("*.txt")):
-            raw = file.read_bytes()
-            try:
-                text = raw.decode(cfg.encoding)
-            except UnicodeDecodeError as error:
-                text = raw.decode(cfg.encoding, errors="replace")
-                cleaning.rows_with_invalid_bytes_replaced += 1
-                if len(cleaning.invalid_bytes_examples) < 5:
-                    cleaning.invalid_bytes_examples.append(f"{class_dir.name}/{file.name} byte {error.start}")
+            text = decode(file.read_bytes(), f"{class_dir.name}/{file.name}", cfg.encoding, cleaning)
             if text.startswith("\ufeff"):
                 text = text[1:]
                 cleaning.bom_removed = True

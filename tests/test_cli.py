@@ -26,10 +26,16 @@ def error_line(result) -> str:
         (["--set", "data.source=missing.csv"], "missing.csv: file not found (data.source)"),
         (["--set", "data.source=data.txt"], "unsupported file type '.txt'"),
         (["--set", "data.text_column=body"], "text column 'body' not found (data.text_column); columns found: text, label"),
+        (["--set", "data.source=empty.csv"], "empty.csv: no rows after loading"),
+        (["--set", "data.source=one_class.csv"], "only one class ('sport')"),
+        (["--set", "data.source=no_labels.csv"], "label column 'label' has no usable value"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(workdir, args, fragment):
     topic_frame(10).to_csv(workdir / "data.csv", index=False)
+    topic_frame(10).assign(label="sport").to_csv(workdir / "one_class.csv", index=False)
+    topic_frame(10).assign(label="").to_csv(workdir / "no_labels.csv", index=False)
+    (workdir / "empty.csv").write_text("text,label\n")
     (workdir / "data.txt").write_text("x")
     write_params(workdir, data={"source": "data.csv"})
     result = tuneflow(workdir, "ingest", *args)

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # No phoning home from the tools we drive (and no error lines on offline machines); users may opt in.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     args = build_parser().parse_args(argv)
     try:
         return dispatch(args)
@@ -74,7 +77,6 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def run_pipeline(params, pipeline_name: str) -> int:
-    os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
     from flows.retrain import retrain
 
     progress.say(f"[tuneflow] pipeline {pipeline_name!r} through Prefect "
