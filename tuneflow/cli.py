@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 
 from tuneflow import progress
-from tuneflow.errors import InputError, TuneflowError
+from tuneflow.errors import TuneflowError
 
 EXIT_OK, EXIT_UNEXPECTED = 0, 1
 
@@ -27,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", parents=[overrides], help="run the whole pipeline as a Prefect flow")
     run.add_argument("--pipeline", help="a pipeline name from pipelines.yaml (default: its `default`)")
     run.add_argument("--pipelines-file", default="pipelines.yaml")
+    deploy = commands.add_parser("deploy", help="serve Prefect deployments: one cron schedule per pipeline in pipelines.yaml")
+    deploy.add_argument("--pipeline", action="append", dest="pipelines", metavar="NAME",
+                        help="only this pipeline (repeatable; default: every pipeline with a schedule)")
+    deploy.add_argument("--pipelines-file", default="pipelines.yaml")
+    deploy.add_argument("--dry-run", action="store_true", help="print the deployments and exit instead of serving them")
     for name in STAGE_NAMES:
         commands.add_parser(name, parents=[overrides], help=f"run only the {name} stage (dvc.yaml calls these)")
     return parser
@@ -53,19 +58,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def dispatch(args: argparse.Namespace) -> int:
     from tuneflow.artifacts import Layout
-    from tuneflow.config import load_params, load_pipelines, parse_set
+    from tuneflow.config import load_params, parse_set, pipeline_params
 
+    if args.command == "deploy":
+        return deploy(args)
     command_line = ("--set", parse_set(args.overrides))
     if args.command == "run":
-        pipeline_name, pipeline_layer = "default", ("pipelines.yaml", {})
-        if args.pipeline or Path(args.pipelines_file).exists():
-            pipelines = load_pipelines(args.pipelines_file)
-            pipeline_name = args.pipeline or pipelines.default
-            if pipeline_name not in pipelines.pipelines:
-                raise InputError(f"{args.pipelines_file}: unknown pipeline {pipeline_name!r} (--pipeline); "
-                                 f"defined: {', '.join(pipelines.pipelines)}")
-            pipeline_layer = (f"{args.pipelines_file} (pipeline {pipeline_name})", pipelines.pipelines[pipeline_name].overrides())
-        return run_pipeline(load_params(args.params, pipeline_layer, command_line), pipeline_name)
+        pipeline_name, params = pipeline_params(args.pipeline, args.params, args.pipelines_file, command_line)
+        return run_pipeline(params, pipeline_name)
 
     from tuneflow.stages import STAGES
 
@@ -83,6 +83,22 @@ def run_pipeline(params, pipeline_name: str) -> int:
                  f"({os.environ.get('PREFECT_API_URL') or 'ephemeral local server'})")
     rows = retrain(params=params, pipeline=pipeline_name)
     print(progress.table(rows, f"tuneflow run · pipeline {pipeline_name}"))
+    return EXIT_OK
+
+
+def deploy(args: argparse.Namespace) -> int:
+    from flows.retrain import build_deployments
+
+    deployments = build_deployments(args.pipelines_file, args.params, args.pipelines)
+    for deployment in deployments:
+        cron = ", ".join(schedule.schedule.cron for schedule in deployment.schedules or []) or "no schedule (run on demand)"
+        print(f"{deployment.name}: {cron} → flow {deployment.flow_name} (pipeline={deployment.parameters['pipeline']})")
+    if args.dry_run:
+        return EXIT_OK
+    from prefect import serve
+
+    progress.say(f"[tuneflow] serving {len(deployments)} deployment(s) on {os.environ.get('PREFECT_API_URL') or 'an ephemeral server'}; Ctrl-C stops")
+    serve(*deployments)
     return EXIT_OK
 
 

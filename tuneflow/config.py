@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuneflow.errors import InputError
 
@@ -121,6 +121,18 @@ class Pipeline(Section):
     set: dict[str, Any] = {}
     schedule: str | None = None
 
+    @field_validator("schedule")
+    @classmethod
+    def _valid_cron(cls, schedule: str | None) -> str | None:
+        if schedule is not None:
+            from prefect.client.schemas.schedules import CronSchedule
+
+            try:
+                CronSchedule(cron=schedule)
+            except ValueError:
+                raise ValueError(f"invalid cron schedule {schedule!r} (expected e.g. '0 3 * * 1')") from None
+        return schedule
+
     def overrides(self) -> dict[str, Any]:
         merged: dict[str, Any] = {}
         if self.source is not None:
@@ -218,3 +230,20 @@ def load_pipelines(path: str | Path = "pipelines.yaml") -> PipelinesFile:
         raise InputError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
     except ValidationError as error:
         raise InputError(_describe(error, str(path))) from None
+
+
+def pipeline_params(
+    name: str | None,
+    params_path: str | Path = "params.yaml",
+    pipelines_path: str | Path = "pipelines.yaml",
+    *layers: tuple[str, dict[str, Any]],
+) -> tuple[str, Params]:
+    """params.yaml, then the named pipeline's overrides (its default when `name` is None), then `layers`."""
+    if name is None and not Path(pipelines_path).exists():
+        return "default", load_params(params_path, *layers)
+    pipelines = load_pipelines(pipelines_path)
+    name = name or pipelines.default
+    if name not in pipelines.pipelines:
+        raise InputError(f"{pipelines_path}: unknown pipeline {name!r} (--pipeline); defined: {', '.join(pipelines.pipelines)}")
+    pipeline_layer = (f"{pipelines_path} (pipeline {name})", pipelines.pipelines[name].overrides())
+    return name, load_params(params_path, pipeline_layer, *layers)
