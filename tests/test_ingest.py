@@ -206,3 +206,19 @@ def test_failed_ingest_leaves_previous_artifacts_intact(tmp_path):
     with pytest.raises(InputError):
         ingest(DataConfig(source=str(tmp_path / "missing.csv")), good.data_dir)
     assert (good.data_dir / "data_card.json").read_text() == before
+
+
+def test_hf_source_pools_splits_and_maps_class_labels(tmp_path, monkeypatch):
+    """`hf:<name>` goes through datasets.load_dataset (no hub here: it returns a local DatasetDict)."""
+    import datasets
+
+    frame = topic_frame(10)
+    names = sorted(frame["label"].unique())
+    features = datasets.Features({"sentence": datasets.Value("string"), "topic": datasets.ClassLabel(names=names)})
+    table = {"sentence": frame["text"].tolist(), "topic": [names.index(label) for label in frame["label"]]}
+    full = datasets.Dataset.from_dict(table, features=features)
+    loaded = datasets.DatasetDict({"train": full.select(range(0, 20)), "test": full.select(range(20, 30))})
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name: asked.append(name) or loaded)
+    result = run(tmp_path, source="hf:org/topics", text_column="sentence", label_column="topic")
+    assert asked == ["org/topics"] and result.labels == names and result.card["rows_kept"] == 30
