@@ -33,7 +33,8 @@ def export(model_dir: Path, data_dir: Path, model_cfg: ModelConfig, cfg: ExportC
     summary = read_json(model_dir / "train_summary.json")
     labels = summary["labels"]
     base_cfg = model_cfg.model_copy(update={"base": summary["base_model"]})
-    merged = METHODS[summary["method"]].load_merged(model_dir, lambda: load_classifier(base_cfg, labels)).eval()
+    # merged weights where the method can merge; otherwise base + trained add-on, exported as one graph
+    merged = METHODS[summary["method"]].load_merged(model_dir, lambda **kwargs: load_classifier(base_cfg, labels, **kwargs), summary).eval()
     logits_only = LogitsOnly(merged).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     example = tokenizer(["a short example", "a second and somewhat longer example text"], padding=True, return_tensors="pt")
@@ -56,7 +57,8 @@ def export(model_dir: Path, data_dir: Path, model_cfg: ModelConfig, cfg: ExportC
         assets = staging / "assets"
         tokenizer.save_pretrained(assets)
         write_json(assets / "serving.json", {"labels": labels, "max_length": summary["max_length"],
-                                              "inputs": INPUT_NAMES, "output": "logits", "method": summary["method"]})
+                                              "inputs": INPUT_NAMES, "output": "logits", "method": summary["method"],
+                                              "method_export": summary.get("export", "merged")})
         parity = check_parity(logits_only, OnnxClassifier.from_export(staging), test_texts, cfg)
         write_json(staging / "parity.json", parity)
     if not parity["passed"]:

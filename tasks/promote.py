@@ -70,9 +70,9 @@ def promote(layout: Layout, params: Params, out_dir: Path, pipeline: str = "defa
     verdict = read_json(layout.eval / "verdict.json")
     metrics = read_json(layout.eval / "metrics.json")
     summary = read_json(layout.model / "train_summary.json")
-    card = read_json(layout.data / "data_card.json")
+    card = read_json(layout.gated_data / "data_card.json")
     parity = read_json(layout.export / "parity.json")
-    test = read_splits(layout.data)["test"]
+    test = read_splits(layout.gated_data)["test"]
 
     champion = score_champion(registry, name, summary["labels"], test["text"].tolist(), test["label"].tolist())
     promoted, reasons = decide(verdict, metrics["macro_f1"], champion, params.promote.max_f1_drop)
@@ -94,8 +94,9 @@ def promote(layout: Layout, params: Params, out_dir: Path, pipeline: str = "defa
         params=flatten(params.model_dump(mode="json")) | {"pipeline": pipeline},
         metrics=run_metrics(metrics, summary, parity, card),
         step_metrics=[(f"train_{key}" if not key.startswith("eval_") else key, entry[key], entry.get("step", 0))
-                      for entry in summary["log_history"] for key in ("loss", "eval_loss", "eval_macro_f1") if key in entry],
-        artifacts=[layout.data / "data_card.json", layout.validation, layout.model / "train_summary.json", layout.export / "parity.json", layout.eval],
+                      for entry in summary["log_history"] for key in ("loss", "eval_loss", "eval_macro_f1", "grad_norm", "learning_rate") if key in entry],
+        artifacts=[layout.gated_data / "data_card.json", *(layout.validation / name for name in ("report.json", "report.md", "fix_diff.json")), layout.model / "train_summary.json", layout.export / "parity.json", layout.eval]
+                  + [path for path in (layout.model / "loss_curves.png", layout.model / "train_report.md") if path.exists()],
         tags=tags,
     )
     registry.set_alias(version, CHALLENGER)
@@ -132,6 +133,9 @@ def run_metrics(metrics: dict[str, Any], summary: dict[str, Any], parity: dict[s
         "train_time_s": summary["train_time_s"],
         "trainable_params": summary["trainable_params"],
         "best_validation_macro_f1": summary["best_validation_macro_f1"],
+        **{f"train_{key}": summary[key] for key in ("peak_rss_mb", "weights_bytes", "train_samples_per_s") if key in summary},
+        **({"train_overfitting": summary["diagnostics"]["overfitting"],
+            "train_grad_norm_max": summary["diagnostics"]["grad_norm"].get("max", float("nan"))} if "diagnostics" in summary else {}),
         "rows_train": card["counts"]["train"],
         "rows_validation": card["counts"]["validation"],
         "rows_test": card["counts"]["test"],

@@ -1,10 +1,17 @@
 """Stage 3 — train: HF Trainer over the method table, dynamic padding, early stopping on validation.
 
-Writes artifacts/model/ (safetensors weights or adapter, tokenizer) and train_summary.json.
+Writes artifacts/model/ (the method's weights, tokenizer), train_summary.json, train_report.md and
+loss_curves.png. Checkpoints go to <work>/checkpoints/<run key>/, where the run key hashes the model and
+train config and the data; re-running the same command after an interruption resumes from the last one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import os
+import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -14,10 +21,14 @@ from typing import Any
 import numpy as np
 
 from tasks.ingest import read_splits
+from tuneflow import progress
 from tuneflow.artifacts import atomic_dir, read_json, write_json
 from tuneflow.config import ModelConfig, TrainConfig
-from tuneflow.methods import METHODS
-from tuneflow.models import load_classifier, load_tokenizer
+from tuneflow.errors import InputError, StageFailed
+from tuneflow.methods import METHODS, RunInfo
+from tuneflow.models import load_classifier, load_tokenizer, resolve_base
+
+MAX_LENGTH_MULTIPLE = 8
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,65 @@ def use_bf16(setting: str | bool) -> bool:
     return cpu_supports_bf16()
 
 
+def position_limit(model_cfg: ModelConfig, tokenizer) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_base(model_cfg.base), trust_remote_code=model_cfg.trust_remote_code)
+    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
+    return min(limit for limit in limits if limit and limit < 1_000_000)
+
+
+def choose_max_length(lengths: list[int], percentile: float, limit: int) -> int:
+    """The `percentile` of the token lengths, rounded up to a multiple of 8, within [8, limit]."""
+    wanted = int(math.ceil(np.percentile(lengths, percentile) / MAX_LENGTH_MULTIPLE) * MAX_LENGTH_MULTIPLE)
+    return max(MAX_LENGTH_MULTIPLE, min(wanted, limit))
+
+
+def run_key(model_cfg: ModelConfig, cfg: TrainConfig, data_hash: str) -> str:
+    """Checkpoints are only resumed by the same config on the same data."""
+    payload = {"model": model_cfg.model_dump(mode="json"), "train": cfg.model_dump(mode="json"), "data": data_hash}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def last_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint the Trainer finished writing (trainer_state.json is written last); a
+    half-written one from a kill during saving is removed."""
+    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[-1]))
+    for checkpoint in reversed(checkpoints):
+        if (checkpoint / "trainer_state.json").exists():
+            return checkpoint
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child started
+    from a big parent (the compare flow) would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def weight_files_ok(model_dir: Path) -> dict[str, int]:
+    """Every saved weight file holds non-empty tensors (ZeRO-3 + PEFT is known to save empty adapters)."""
+    from safetensors import safe_open
+
+    sizes = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as weights:
+            elements = sum(int(np.prod(weights.get_slice(key).get_shape())) for key in weights.keys())
+        if elements == 0:
+            raise StageFailed(f"{path}: saved weights are empty (ZeRO-3 without gathering on save?); not publishing them")
+        sizes[path.name] = path.stat().st_size
+    if not sizes:
+        raise StageFailed(f"{model_dir}: no safetensors weights were saved")
+    return sizes
+
+
 def train(data_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path, work_dir: Path) -> TrainResult:
     """Fine-tune `model_cfg.base` with `cfg.method` on the train split; keep the best validation epoch."""
     import torch
@@ -52,39 +122,97 @@ def train(data_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Pat
     from sklearn.metrics import accuracy_score, f1_score
     from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
+    from tuneflow import distributed
+    from tuneflow.training import (AdaLoraBudget, CheckpointCadence, GradualUnfreezing, balanced_class_weights, diagnose,
+                                   layerwise_param_groups, plot_curves, unfreezing_groups, weighted_loss)
+
+    if cfg.distributed != "none" and not distributed.launched():
+        raise InputError(f"train.distributed={cfg.distributed} needs a launcher: {distributed.launch_command(cfg.distributed)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    set_seed(cfg.seed)
+    set_seed(cfg.seed, deterministic=cfg.deterministic)
+    method = METHODS[cfg.method]
     splits = read_splits(data_dir)
-    labels = read_json(data_dir / "data_card.json")["labels"]
+    card = read_json(data_dir / "data_card.json")
+    labels = card["labels"]
     label_ids = {label: index for index, label in enumerate(labels)}
     tokenizer = load_tokenizer(model_cfg)
 
+    limit = position_limit(model_cfg, tokenizer) - method.virtual_tokens(cfg)
+    if isinstance(model_cfg.max_length, int):
+        max_length, max_length_source = model_cfg.max_length, "model.max_length"
+        if not method.virtual_tokens(cfg) and max_length > limit:  # prompt methods explain their own limit below
+            raise InputError(f"model.max_length {max_length} exceeds {model_cfg.base}'s limit of {limit} tokens")
+    else:
+        lengths = [len(ids) for ids in tokenizer(splits["train"]["text"].tolist(), truncation=False)["input_ids"]]
+        max_length = choose_max_length(lengths, model_cfg.max_length_percentile, limit)
+        max_length_source = f"P{model_cfg.max_length_percentile:g} of {len(lengths)} training texts' token lengths (limit {limit})"
+        progress.say(f"[tuneflow] max_length {max_length}: {max_length_source}")
+
     def encode(frame):
         dataset = Dataset.from_dict({"text": frame["text"].tolist(), "labels": frame["label"].map(label_ids).tolist()})
-        return dataset.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=model_cfg.max_length),
+        return dataset.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
                            batched=True, remove_columns=["text"])
 
     train_set, validation_set = encode(splits["train"]), encode(splits["validation"])
-    method = METHODS[cfg.method]
-    model = method.wrap(load_classifier(model_cfg, labels), cfg)
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / (cfg.batch_size * world)) / cfg.gradient_accumulation_steps)
+    total_steps = math.ceil(steps_per_epoch * cfg.epochs)
+    bf16 = use_bf16(cfg.bf16)
+    model = method.wrap(lambda **kwargs: load_classifier(model_cfg, labels, **kwargs), cfg, RunInfo(total_steps, bf16))
+    blocker = method.export_blocker(model, cfg, max_length)
+    if blocker:
+        raise InputError(f"train.method={cfg.method}: the trained model could not be exported: {blocker}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+
+    callbacks: list[Any] = [EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience),
+                            CheckpointCadence(cfg.save_every_s, cfg.save_steps)]
+    optimizer = None
+    if cfg.layerwise_lr_decay < 1.0 or cfg.gradual_unfreezing:
+        # built over every parameter that will train, frozen ones included: the Trainer's own optimizer
+        # would leave out the layers gradual unfreezing opens later
+        optimizer = torch.optim.AdamW(layerwise_param_groups(model, cfg.learning_rate, cfg.layerwise_lr_decay, cfg.weight_decay),
+                                      lr=cfg.learning_rate)
+    if cfg.gradual_unfreezing:
+        callbacks.append(GradualUnfreezing(unfreezing_groups(model), cfg.epochs))
+    if cfg.method == "adalora":
+        callbacks.append(AdaLoraBudget())
+    loss_func = None
+    if cfg.class_weights == "balanced":
+        loss_func = weighted_loss(balanced_class_weights(train_set["labels"], len(labels)))
 
     def compute_metrics(prediction) -> dict[str, float]:
         predicted = np.argmax(prediction.predictions, axis=-1)
         return {"accuracy": accuracy_score(prediction.label_ids, predicted),
                 "macro_f1": f1_score(prediction.label_ids, predicted, average="macro")}
 
-    checkpoints = work_dir / "checkpoints"
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    bf16 = use_bf16(cfg.bf16)
+    key = run_key(model_cfg, cfg, card["data_hash"])
+    checkpoints_root = work_dir / "checkpoints"
+    run_dir = checkpoints_root / key
+    for stale in checkpoints_root.glob("*"):
+        if stale != run_dir:
+            shutil.rmtree(stale, ignore_errors=True)
+    resume = last_complete_checkpoint(run_dir) if run_dir.exists() else None
+    if resume is not None and not method.reload_checkpoints:
+        progress.say(f"[tuneflow] train.method={cfg.method} cannot resume from a checkpoint; starting over")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        resume = None
+    deepspeed = distributed.deepspeed_config_path(cfg.distributed)
+    if deepspeed is not None:
+        try:
+            import deepspeed as _  # noqa: F401
+        except ImportError:
+            raise InputError(f"train.distributed={cfg.distributed}: deepspeed is not installed (pip install deepspeed on the GPU machine)") from None
     args = TrainingArguments(
-        output_dir=str(checkpoints),
+        output_dir=str(run_dir),
         num_train_epochs=cfg.epochs,
         learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         weight_decay=cfg.weight_decay,
         warmup_ratio=cfg.warmup_ratio,
         lr_scheduler_type=cfg.lr_scheduler,
@@ -92,16 +220,20 @@ def train(data_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Pat
         eval_strategy="epoch",
         save_strategy="epoch",
         save_total_limit=2,
-        load_best_model_at_end=True,
+        load_best_model_at_end=method.reload_checkpoints,
         metric_for_best_model="macro_f1",
         greater_is_better=True,
         group_by_length=True,
         bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),  # bf16 on a CPU is only accepted with use_cpu
         seed=cfg.seed,
         data_seed=cfg.seed,
-        logging_steps=10,
+        full_determinism=cfg.deterministic,
+        logging_steps=max(1, min(50, total_steps // 50)),
         report_to=[],
         dataloader_num_workers=0,
+        deepspeed=str(deepspeed) if deepspeed else None,
+        save_safetensors=True,
     )
     trainer = Trainer(
         model=model,
@@ -111,37 +243,94 @@ def train(data_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Pat
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
-        callbacks=[EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience)],
+        compute_loss_func=loss_func,
+        optimizers=(optimizer, None),
+        callbacks=callbacks,
     )
+    resumed = json.loads((resume / "trainer_state.json").read_text()) if resume else {"global_step": None, "epoch": 0}
+    if resume is not None:
+        progress.say(f"[tuneflow] resuming from checkpoint {resume} (step {resumed['global_step']} of {total_steps})")
     started = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     train_seconds = time.perf_counter() - started
+    final = run_dir / "final"
+    if method.save is None:
+        trainer.save_model(str(final))  # on every rank: ZeRO-3 gathers the shards here
+    elif trainer.is_world_process_zero():
+        method.save(trainer.model, final)
+    if not trainer.is_world_process_zero():
+        return TrainResult(out_dir, {})
+
     history = trainer.state.log_history
     evals = [entry for entry in history if "eval_macro_f1" in entry]
-    best = max(evals, key=lambda entry: entry["eval_macro_f1"])
+    best = max(evals, key=lambda entry: entry["eval_macro_f1"]) if method.reload_checkpoints else evals[-1]  # the epoch kept
+    weights = weight_files_ok(final)
+    diagnostics = diagnose(history)
+    for warning in diagnostics["warnings"]:
+        progress.say(f"[tuneflow] warning: {warning}")
+    trained_samples = len(train_set) * (trainer.state.epoch - resumed["epoch"])
     summary = {
         "method": cfg.method,
+        "export": method.export,
         "base_model": model_cfg.base,
         "labels": labels,
-        "max_length": model_cfg.max_length,
+        "max_length": max_length,
+        "max_length_source": max_length_source,
         "trainable_params": trainable,
         "total_params": total,
         "trainable_fraction": trainable / total,
         "train_time_s": round(train_seconds, 2),
-        "train_samples_per_s": round(len(train_set) * trainer.state.epoch / train_seconds, 2),
+        "train_samples_per_s": round(trained_samples / train_seconds, 2),
+        "resumed_from_step": resumed["global_step"],
         "epochs_run": trainer.state.epoch,
         "best_epoch": best["epoch"],
         "best_validation_macro_f1": best["eval_macro_f1"],
         "best_validation_accuracy": best["eval_accuracy"],
         "optimizer_steps": trainer.state.global_step,
+        "planned_optimizer_steps": total_steps,
         "bf16": bf16,
+        "distributed": cfg.distributed,
+        "world_size": world,
+        "peak_rss_mb": peak_rss_mb(),
+        "weights_bytes": sum(weights.values()),
+        "weight_files": weights,
+        "qlora": cfg.qlora.model_dump(mode="json"),
         "train_rows": len(train_set),
         "validation_rows": len(validation_set),
+        "run_key": key,
+        "diagnostics": diagnostics,
         "log_history": history,
     }
     with atomic_dir(out_dir) as staging:
-        trainer.model.save_pretrained(staging, safe_serialization=True)
+        for path in final.iterdir():
+            shutil.copy2(path, staging / path.name)
         tokenizer.save_pretrained(staging)
+        plot_curves(history, staging / "loss_curves.png")
+        (staging / "train_report.md").write_text(render_report(summary), encoding="utf-8")
         write_json(staging / "train_summary.json", summary)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
     return TrainResult(out_dir, summary)
+
+
+def render_report(summary: dict[str, Any]) -> str:
+    diagnostics, grad = summary["diagnostics"], summary["diagnostics"]["grad_norm"]
+    lines = [
+        f"# Training: {summary['method']} on {summary['base_model']}",
+        "",
+        "![loss curves](loss_curves.png)",
+        "",
+        "| item | value |", "|---|---|",
+        f"| trainable params | {summary['trainable_params']:,} of {summary['total_params']:,} ({summary['trainable_fraction']:.2%}) |",
+        f"| optimizer steps | {summary['optimizer_steps']} (epochs {summary['epochs_run']:g}, best epoch {summary['best_epoch']:g}) |",
+        f"| best validation macro-F1 / accuracy | {summary['best_validation_macro_f1']:.4f} / {summary['best_validation_accuracy']:.4f} |",
+        f"| train time / throughput | {summary['train_time_s']:.1f} s / {summary['train_samples_per_s']:.1f} samples/s |",
+        f"| max_length | {summary['max_length']} ({summary['max_length_source']}) |",
+        f"| final train / validation loss | {diagnostics['final_train_loss']} / {diagnostics['final_validation_loss']} |",
+        f"| overfitting | {'yes' if diagnostics['overfitting'] else 'no'} |",
+        f"| learning rate | {diagnostics['learning_rate']} |",
+        f"| gradient norm median / p95 / max | {grad.get('median', float('nan')):.3g} / {grad.get('p95', float('nan')):.3g} / {grad.get('max', float('nan')):.3g} |",
+        f"| peak RSS | {summary['peak_rss_mb']:.0f} MB |",
+        "",
+    ]
+    lines += [f"- **warning:** {warning}" for warning in diagnostics["warnings"]] or ["No warnings."]
+    return "\n".join(lines) + "\n"

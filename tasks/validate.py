@@ -1,34 +1,39 @@
 """Stage 2 — validate: the data gate. Fails closed with evidence before any training happens.
 
-Writes artifacts/validation/report.json (the contract), report.md and metrics.json (for `dvc metrics`).
+Reads the ingest splits and writes to `out_dir` (artifacts/validation/):
+- report.json (the contract), report.md, metrics.json (for `dvc metrics`);
+- data/{train,validation,test}.parquet + data_card.json: the gated data every later stage reads
+  (a copy of the ingest splits, or the cleaned splits with `validation.fix`);
+- fix_diff.json: every row `fix` removed and why (empty when nothing was removed).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pandas as pd
 
-from tasks.ingest import SPLITS, read_splits
+from tasks.gate_checks import (
+    SPLITS,
+    Check,
+    Pair,
+    class_balance,
+    exact_duplicates,
+    gx_checks,
+    label_conflicts,
+    near_duplicate_checks,
+    near_duplicate_pairs,
+    table,
+)
+from tasks.ingest import content_hash, read_splits
 from tuneflow.artifacts import atomic_dir, read_json, write_json
 from tuneflow.config import ValidationConfig
-from tuneflow.text import fold, stable_hash
 
-Severity = Literal["error", "warning", "info"]
-
-
-@dataclass
-class Check:
-    name: str
-    passed: bool
-    severity: Severity
-    value: Any
-    threshold: Any
-    evidence: list[Any] = field(default_factory=list)
-    message: str = ""
+__all__ = ["Check", "ValidationResult", "validate", "run_checks", "fix_splits", "render_markdown"]
 
 
 @dataclass(frozen=True)
@@ -36,113 +41,123 @@ class ValidationResult:
     passed: bool
     checks: list[Check]
     report_dir: Path
+    removed: list[dict[str, Any]]
 
     @property
     def failed(self) -> list[Check]:
         return [check for check in self.checks if not check.passed and check.severity == "error"]
 
+    @property
+    def data_dir(self) -> Path:
+        return self.report_dir / "data"
+
 
 def validate(data_dir: Path, cfg: ValidationConfig, out_dir: Path) -> ValidationResult:
-    """Run every check on the splits; write the report whether or not the gate passes."""
+    """Run every check on the splits (fix and re-check when asked); write the report whether or not the gate passes."""
     splits = read_splits(data_dir)
     card = read_json(data_dir / "data_card.json")
-    checks = [
-        check_schema(splits),
-        check_non_empty_text(splits, cfg),
-        check_min_rows(splits, cfg),
-        check_label_set(splits, card["labels"]),
-        check_exact_leakage(splits, cfg),
-    ]
+    checks, rows, pairs = run_checks(splits, card["labels"], cfg)
+    removed: list[dict[str, Any]] = []
+    if cfg.fix:
+        splits, removed = fix_splits(splits, rows, pairs)
+        if removed:
+            checks, _, _ = run_checks(splits, card["labels"], cfg)
+    checks.append(Check("fix_removed_rows", True, "info", len(removed), None, _removal_summary(removed),
+                        "rows removed from validation/test by validation.fix" if cfg.fix else "validation.fix is off"))
     passed = not any(not check.passed and check.severity == "error" for check in checks)
-    report = {"passed": passed, "checks": [asdict(check) for check in checks], "data_hash": card["data_hash"]}
+    gated_card = _gated_card(card, splits, removed)
+    report = {"passed": passed, "checks": [asdict(check) for check in checks], "data_hash": gated_card["data_hash"],
+              "source_data_hash": card["data_hash"]}
     with atomic_dir(out_dir) as staging:
+        (staging / "data").mkdir()
+        for name in SPLITS:
+            splits[name].to_parquet(staging / "data" / f"{name}.parquet", index=False)
+        write_json(staging / "data" / "data_card.json", gated_card)
+        write_json(staging / "fix_diff.json", {"fix": cfg.fix, "removed_rows": len(removed), "removed": removed})
         write_json(staging / "report.json", report)
-        write_json(staging / "metrics.json", {check.name: _metric(check.value) for check in checks})
+        write_json(staging / "metrics.json", {"gate_passed": passed} | {check.name: _metric(check.value) for check in checks})
         (staging / "report.md").write_text(render_markdown(report), encoding="utf-8")
-    return ValidationResult(passed, checks, out_dir)
+    return ValidationResult(passed, checks, out_dir, removed)
 
 
-def check_schema(splits: dict[str, pd.DataFrame]) -> Check:
-    problems = []
-    for name, frame in splits.items():
-        if list(frame.columns) != ["text", "label"]:
-            problems.append({"split": name, "columns": list(frame.columns)})
-        elif not all(pd.api.types.is_string_dtype(frame[column]) for column in ("text", "label")):
-            problems.append({"split": name, "dtypes": {c: str(t) for c, t in frame.dtypes.items()}})
-    return Check("schema", not problems, "error", len(problems), 0, problems,
-                 "every split has exactly the string columns text, label")
-
-
-def check_non_empty_text(splits: dict[str, pd.DataFrame], cfg: ValidationConfig) -> Check:
-    evidence = [
-        {"split": name, "row": int(row)}
-        for name, frame in splits.items()
-        for row in frame.index[frame["text"].isna() | (frame["text"].str.strip() == "")]
+def run_checks(splits: dict[str, pd.DataFrame], labels: list[str], cfg: ValidationConfig) -> tuple[list[Check], pd.DataFrame, list[Pair]]:
+    rows = table(splits)
+    pairs = near_duplicate_pairs(rows, cfg)
+    checks = [
+        *gx_checks(splits, labels, cfg),
+        label_conflicts(rows, cfg),
+        *class_balance(rows, cfg),
+        *exact_duplicates(rows, cfg),
+        *near_duplicate_checks(rows, pairs, cfg),
     ]
-    return Check("non_empty_text", not evidence, "error", len(evidence), 0, evidence[: cfg.evidence_rows],
-                 "no empty or whitespace-only text")
+    return checks, rows, pairs
 
 
-def check_min_rows(splits: dict[str, pd.DataFrame], cfg: ValidationConfig) -> Check:
-    sizes = {name: len(frame) for name, frame in splits.items()}
-    small = [{"split": name, "rows": rows} for name, rows in sizes.items() if rows < cfg.min_rows_per_split]
-    return Check("min_rows_per_split", not small, "error", min(sizes.values()), cfg.min_rows_per_split, small,
-                 f"each split has at least {cfg.min_rows_per_split} rows")
+def fix_splits(splits: dict[str, pd.DataFrame], rows: pd.DataFrame, pairs: list[Pair]) -> tuple[dict[str, pd.DataFrame], list[dict[str, Any]]]:
+    """Drop validation/test rows that leak from an earlier split or carry a conflicting label; train is never touched.
 
-
-def check_label_set(splits: dict[str, pd.DataFrame], schema_labels: list[str]) -> Check:
-    expected = set(schema_labels)
-    evidence = []
-    for name, frame in splits.items():
-        found = set(frame["label"].dropna())
-        unknown, absent = sorted(found - expected), sorted(expected - found)
-        if unknown or (name == "train" and absent):
-            evidence.append({"split": name, "unknown_labels": unknown, "missing_labels": absent if name == "train" else []})
-    return Check("label_set", not evidence, "error", len(evidence), 0, evidence,
-                 "labels are the schema's label set and every class is present in train")
-
-
-def check_exact_leakage(splits: dict[str, pd.DataFrame], cfg: ValidationConfig) -> Check:
-    """The same normalised text in two splits: the model is tested on what it trained on."""
-    locations: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    Returns the cleaned splits and one entry per removed row: split, row (in the ingest split), label, text, reason.
+    """
+    order = {name: rank for rank, name in enumerate(SPLITS)}
+    reasons: dict[tuple[str, int], str] = {}
+    keyed = rows.dropna(subset=["key"])
+    for _, group in keyed.groupby("key", sort=False):
+        if len(group) < 2:
+            continue
+        places = list(zip(group["split"], group["row"].astype(int)))
+        first = min(places, key=lambda place: (order[place[0]], place[1]))
+        if group["label"].nunique() > 1:
+            labels = ", ".join(sorted(map(str, group["label"].unique())))
+            for place in places:
+                if place[0] != "train":
+                    reasons.setdefault(place, f"label_conflicts: the same text is labelled {labels}")
+        for place in places:
+            if place[0] != first[0] and place[0] != "train":
+                reasons.setdefault(place, f"exact_leakage: same text as {first[0]} row {first[1]}")
+    for pair in pairs:
+        if pair.a[0] != pair.b[0]:
+            earlier, later = sorted((pair.a, pair.b), key=lambda place: order[place[0]])
+            reasons.setdefault(later, f"near_dup_leakage: Jaccard {pair.similarity:g} with {earlier[0]} row {earlier[1]}")
+    indexed = rows.set_index(["split", "row"])
+    removed = [{"split": split, "row": row, "label": indexed.at[(split, row), "label"], "text": indexed.at[(split, row), "text"], "reason": reason}
+               for (split, row), reason in sorted(reasons.items(), key=lambda item: (order[item[0][0]], item[0][1]))]
+    cleaned = {}
     for name in SPLITS:
-        for row, text in enumerate(splits[name]["text"]):
-            locations[stable_hash(fold(text))].append((name, row))
-    groups = [places for places in locations.values() if len({split for split, _ in places}) > 1]
-    evidence = [
-        [{"split": split, "row": row, "label": splits[split]["label"].iat[row], "text": _excerpt(splits[split]["text"].iat[row])}
-         for split, row in places]
-        for places in groups[: cfg.evidence_rows]
-    ]
-    leaked_rows = sum(sum(1 for split, _ in places if split != "train") for places in groups)
-    return Check("exact_leakage", not groups, "error", len(groups), 0, evidence,
-                 f"{len(groups)} normalised texts appear in more than one split ({leaked_rows} validation/test rows)")
+        dropped = [row for split, row in reasons if split == name]
+        cleaned[name] = splits[name].drop(index=splits[name].index[dropped]).reset_index(drop=True)
+    return cleaned, removed
+
+
+def _gated_card(card: dict[str, Any], splits: dict[str, pd.DataFrame], removed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ingest data card with the counts and content hash of the data that passed through the gate."""
+    gated = dict(card)
+    gated["counts"] = {name: len(splits[name]) for name in SPLITS}
+    gated["class_counts"] = {name: splits[name]["label"].astype(str).value_counts().sort_index().to_dict() for name in SPLITS}
+    gated["rows_kept"] = sum(gated["counts"].values())
+    gated["source_data_hash"] = card["data_hash"]
+    gated["gate_removed"] = len(removed)
+    gated["data_hash"] = content_hash(splits) if removed else card["data_hash"]
+    return gated
+
+
+def _removal_summary(removed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    counts = Counter((item["split"], item["reason"].split(":")[0]) for item in removed)
+    return [{"split": split, "reason": reason, "rows": rows} for (split, reason), rows in sorted(counts.items())]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Data gate: {'PASSED' if report['passed'] else 'FAILED'}", "", f"data hash `{report['data_hash']}`", "",
              "| check | result | severity | value | threshold | what it means |", "|---|---|---|---|---|---|"]
     for check in report["checks"]:
-        mark = "pass" if check["passed"] else ("**FAIL**" if check["severity"] == "error" else "warn")
+        mark = "pass" if check["passed"] else {"error": "**FAIL**", "warning": "warn"}.get(check["severity"], "note")
         lines.append(f"| {check['name']} | {mark} | {check['severity']} | {check['value']} | {check['threshold']} | {check['message']} |")
     for check in report["checks"]:
-        if check["evidence"] and not check["passed"]:
+        if check["evidence"] and (not check["passed"] or check["name"] == "fix_removed_rows"):
             lines += ["", f"## Evidence: {check['name']}", "", "```json"]
-            lines += [_json_line(item) for item in check["evidence"]]
+            lines += [json.dumps(item, ensure_ascii=False, default=str) for item in check["evidence"]]
             lines += ["```"]
     return "\n".join(lines) + "\n"
 
 
-def _excerpt(text: str, width: int = 120) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
-
-
 def _metric(value: Any) -> Any:
     return value if isinstance(value, (int, float, bool)) else str(value)
-
-
-def _json_line(item: Any) -> str:
-    import json
-
-    return json.dumps(item, ensure_ascii=False)

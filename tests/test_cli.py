@@ -54,7 +54,7 @@ def test_unknown_pipeline_exits_2(workdir):
 def test_data_gate_failure_exits_3_and_keeps_the_evidence(workdir):
     leaky = pd.concat([topic_frame(20), topic_frame(20).assign(text=lambda f: f["text"].str.title())])
     leaky.to_csv(workdir / "data.csv", index=False)
-    write_params(workdir, data={"source": "data.csv", "dedup": False})
+    write_params(workdir, data={"source": "data.csv", "dedup": False}, validation={"fix": False})  # fail closed
     assert tuneflow(workdir, "ingest").returncode == 0
     result = tuneflow(workdir, "validate")
     assert result.returncode == 3

@@ -25,8 +25,11 @@ def test_tuneflow_run_promotes_a_real_model(workdir):
     assert card["rows_kept"] == 300 and card["dropped"]["duplicates"] == 101
     assert json.loads((artifacts / "validation" / "report.json").read_text())["passed"]
     assert (artifacts / "model" / "adapter_model.safetensors").exists()
+    gated = json.loads((artifacts / "validation" / "data" / "data_card.json").read_text())
+    removed = json.loads((artifacts / "validation" / "fix_diff.json").read_text())["removed_rows"]
+    assert gated["counts"]["test"] + gated["counts"]["validation"] + removed == card["counts"]["test"] + card["counts"]["validation"]
     parity = json.loads((artifacts / "export" / "parity.json").read_text())
-    assert parity["passed"] and parity["texts"] == card["counts"]["test"]
+    assert parity["passed"] and parity["texts"] == gated["counts"]["test"]  # the gated test split
     metrics = json.loads((artifacts / "eval" / "metrics.json").read_text())
     assert metrics["macro_f1"] > 0.5 and metrics["latency_ms"]["samples"] >= 500  # 5 classes: chance is 0.2
     decision = json.loads((artifacts / "promotion" / "decision.json").read_text())

@@ -24,6 +24,11 @@ class Layout:
         return self.root / "validation"
 
     @property
+    def gated_data(self) -> Path:
+        """The splits that passed the data gate (cleaned by `validate --fix`): what train/export/evaluate/promote read."""
+        return self.validation / "data"
+
+    @property
     def model(self) -> Path:
         return self.root / "model"
 

@@ -32,8 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only this pipeline (repeatable; default: every pipeline with a schedule)")
     deploy.add_argument("--pipelines-file", default="pipelines.yaml")
     deploy.add_argument("--dry-run", action="store_true", help="print the deployments and exit instead of serving them")
+    compare = commands.add_parser("compare", parents=[overrides], help="train several methods on the same split and compare them")
+    compare.add_argument("--methods", required=True, help="comma-separated train.method names, e.g. lora,full,prefix")
     for name in STAGE_NAMES:
-        commands.add_parser(name, parents=[overrides], help=f"run only the {name} stage (dvc.yaml calls these)")
+        stage = commands.add_parser(name, parents=[overrides], help=f"run only the {name} stage (dvc.yaml calls these)")
+        if name == "validate":
+            stage.add_argument("--fix", action="store_true",
+                               help="drop leaked and conflicting validation/test rows (see fix_diff.json), then re-validate")
     return parser
 
 
@@ -67,9 +72,13 @@ def dispatch(args: argparse.Namespace) -> int:
         pipeline_name, params = pipeline_params(args.pipeline, args.params, args.pipelines_file, command_line)
         return run_pipeline(params, pipeline_name)
 
+    if args.command == "compare":
+        return run_compare(load_params(args.params, command_line), args)
+
     from tuneflow.stages import STAGES
 
-    params = load_params(args.params, command_line)
+    fix_flag = ("--fix", {"validation.fix": True}) if getattr(args, "fix", False) else ("--fix", {})
+    params = load_params(args.params, command_line, fix_flag)
     layout = Layout(Path(params.artifacts))
     with progress.stage(args.command):
         STAGES[args.command](params, layout, pipeline="stage-by-stage (params.yaml)")
@@ -99,6 +108,21 @@ def deploy(args: argparse.Namespace) -> int:
 
     progress.say(f"[tuneflow] serving {len(deployments)} deployment(s) on {os.environ.get('PREFECT_API_URL') or 'an ephemeral server'}; Ctrl-C stops")
     serve(*deployments)
+    return EXIT_OK
+
+
+def run_compare(params, args: argparse.Namespace) -> int:
+    from tuneflow.errors import InputError
+    from tuneflow.methods import METHODS
+
+    methods = [name.strip() for name in args.methods.split(",") if name.strip()]
+    unknown = [name for name in methods if name not in METHODS]
+    if not methods or unknown:
+        raise InputError(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+    os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
+    from flows.compare import compare
+
+    compare(params=params, methods=methods, params_file=args.params, overrides=args.overrides)
     return EXIT_OK
 
 

@@ -34,14 +34,38 @@ class DataConfig(Section):
 
 
 class ValidationConfig(Section):
-    evidence_rows: int = Field(default=20, ge=1)
+    evidence_rows: int = Field(default=20, ge=1)  # evidence items kept per check in report.json
     min_rows_per_split: int = Field(default=1, ge=1)
+    min_text_chars: int = Field(default=1, ge=1)  # folded text length bounds (GX expectation)
+    max_text_chars: int = Field(default=100_000, ge=1)
+    max_class_ratio: float = Field(default=10, ge=1)  # largest / smallest class in train
+    min_class_rows: int = Field(default=3, ge=1)  # every class in train
+    min_total_rows: int = Field(default=1000, ge=0)  # below: warning only
+    near_dup_jaccard: float = Field(default=0.8, gt=0, le=1)  # true Jaccard of character shingles
+    max_near_dup_leak: int = Field(default=0, ge=0)  # near-duplicate pairs across splits tolerated
+    shingle_chars: int = Field(default=5, ge=1)
+    num_perm: int = Field(default=64, ge=16)  # MinHash permutations
+    fix: bool = False  # remove leaked/conflicting rows from validation/test, then re-validate
+
+    @model_validator(mode="after")
+    def _length_bounds(self) -> "ValidationConfig":
+        if self.min_text_chars > self.max_text_chars:
+            raise ValueError(f"min_text_chars {self.min_text_chars} exceeds max_text_chars {self.max_text_chars}")
+        return self
 
 
 class ModelConfig(Section):
     base: str = BUILTIN_MINILM
-    max_length: int = Field(default=128, ge=8, le=8192)
+    # None/"auto": the `max_length_percentile` of the training texts' token lengths, capped by the model
+    max_length: int | Literal["auto"] | None = Field(default="auto")
+    max_length_percentile: float = Field(default=99, gt=0, le=100)
     trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _max_length_range(self) -> "ModelConfig":
+        if isinstance(self.max_length, int) and not 8 <= self.max_length <= 8192:
+            raise ValueError(f"max_length must be 'auto' or between 8 and 8192, got {self.max_length}")
+        return self
 
 
 class LoraConfig(Section):
@@ -49,6 +73,34 @@ class LoraConfig(Section):
     alpha: int = Field(default=32, ge=1)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"
+
+
+class AdaLoraConfig(Section):
+    init_r: int = Field(default=12, ge=1)
+    target_r: int = Field(default=8, ge=1)
+    tinit_fraction: float = Field(default=0.1, ge=0, lt=1)  # warm-up share of steps before rank pruning
+    tfinal_fraction: float = Field(default=0.2, ge=0, lt=1)  # final share of steps with the budget fixed
+
+
+class QLoraConfig(Section):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+class IA3Config(Section):
+    target_modules: list[str] | None = None  # None: PEFT's default for the architecture
+    feedforward_modules: list[str] | None = None
+
+
+class PromptLearningConfig(Section):
+    num_virtual_tokens: int = Field(default=20, ge=1)
+    prefix_projection: bool = False  # prefix: reparameterise through an MLP (Li & Liang) instead of P-tuning v2 raw prefixes
+    encoder_hidden_size: int = Field(default=128, ge=1)  # p_tuning's prompt encoder (and the prefix projection)
+
+
+class BottleneckAdapterConfig(Section):
+    reduction_factor: int = Field(default=16, ge=1)
+    non_linearity: Literal["relu", "gelu", "swish", "tanh"] = "relu"
 
 
 class TrainConfig(Section):
@@ -64,8 +116,23 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(default=1.0, gt=0)
     bf16: Literal["auto"] | bool = "auto"
     seed: int = 42
+    deterministic: bool = False
     threads: int | None = Field(default=None, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    gradient_checkpointing: bool = False
+    class_weights: Literal["none", "balanced"] = "none"
+    layerwise_lr_decay: float = Field(default=1.0, gt=0, le=1)  # 1.0 = off; 0.9 = each layer down gets 0.9x the lr
+    gradual_unfreezing: bool = False  # full/partial: unfreeze encoder layers top-down, a group per epoch
+    unfreeze_layers: int = Field(default=2, ge=0)  # partial: top encoder layers trained with the head
+    save_every_s: float = Field(default=60, gt=0)  # checkpoint cadence by wall time ...
+    save_steps: int | None = Field(default=None, ge=1)  # ... or every N optimizer steps when set
+    distributed: Literal["none", "ddp", "zero2", "zero3"] = "none"
     lora: LoraConfig = LoraConfig()
+    adalora: AdaLoraConfig = AdaLoraConfig()
+    qlora: QLoraConfig = QLoraConfig()
+    ia3: IA3Config = IA3Config()
+    prompt_learning: PromptLearningConfig = PromptLearningConfig()
+    adapter: BottleneckAdapterConfig = BottleneckAdapterConfig()
 
     @model_validator(mode="after")
     def _known_method(self) -> "TrainConfig":
@@ -73,6 +140,8 @@ class TrainConfig(Section):
 
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.gradual_unfreezing and self.method not in ("full", "partial"):
+            raise ValueError(f"gradual_unfreezing applies to methods full and partial, not {self.method!r}")
         return self
 
 
@@ -247,3 +316,4 @@ def pipeline_params(
         raise InputError(f"{pipelines_path}: unknown pipeline {name!r} (--pipeline); defined: {', '.join(pipelines.pipelines)}")
     pipeline_layer = (f"{pipelines_path} (pipeline {name})", pipelines.pipelines[name].overrides())
     return name, load_params(params_path, pipeline_layer, *layers)
+

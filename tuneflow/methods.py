@@ -1,57 +1,283 @@
-"""The one table of fine-tuning methods: name -> how to wrap the model, how to load it back merged for export.
+"""The one table of fine-tuning methods: name -> how to wrap the model, save it, and load it back for export.
 
-A method's `wrap` turns a freshly loaded base classifier into the model the Trainer trains; `save` is
-`save_pretrained` on whatever `wrap` returned (PEFT saves the adapter only, a plain model saves all
-weights); `load_merged` rebuilds a plain `nn.Module` with the trained weights folded in, ready for ONNX.
+`wrap(load_base, cfg)` loads the base classifier (`load_base(**from_pretrained_kwargs)`) and turns it into
+the model the Trainer trains. `save` writes the trained model (None: the Trainer's `save_model`, which
+also gathers ZeRO-3 shards; PEFT saves the adapter only, a plain model all weights). `load_merged`
+rebuilds an `nn.Module` for ONNX: the trained weights folded into the base where the method can merge
+(`export="merged"`), otherwise the base plus its trained add-on, exported as one graph (`export="wrapper"`).
+`export_blocker` says at train time why a trained model could not be exported (None: it can).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 if TYPE_CHECKING:
+    from torch import nn
     from transformers import PreTrainedModel
 
     from tuneflow.config import TrainConfig
+
+LoadBase = Callable[..., "PreTrainedModel"]
+ADAPTER_NAME = "task"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a method may need to know about the run beyond its config."""
+
+    total_steps: int
+    bf16: bool
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     description: str
-    wrap: Callable[["PreTrainedModel", "TrainConfig"], "PreTrainedModel"]
-    load_merged: Callable[[Path, Callable[[], "PreTrainedModel"]], "PreTrainedModel"]
+    export: Literal["merged", "wrapper"]
+    wrap: Callable[[LoadBase, "TrainConfig", RunInfo], "nn.Module"]
+    load_merged: Callable[[Path, LoadBase, dict[str, Any]], "nn.Module"]
+    save: Callable[["nn.Module", Path], None] | None = None
+    export_blocker: Callable[["nn.Module", "TrainConfig", int], str | None] = lambda model, cfg, max_length: None
+    virtual_tokens: Callable[["TrainConfig"], int] = lambda cfg: 0
+    # False where a checkpoint cannot be loaded back into the training model: AdaLoRA saves rank-pruned
+    # tensors that PEFT's load_adapter cannot put into the live model, so no best-epoch reload and no resume
+    reload_checkpoints: bool = True
+    # a learning rate that suits the method; `tuneflow compare` uses it unless train.learning_rate is set
+    suggested_lr: float = 1e-3
 
 
-def _full_wrap(model: "PreTrainedModel", cfg: "TrainConfig") -> "PreTrainedModel":
+def encoder_layers(model: "nn.Module"):
+    """The transformer blocks (a ModuleList as long as config.num_hidden_layers), found through any wrapper."""
+    from torch import nn
+
+    count = model.config.num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise ValueError(f"cannot find the {count} encoder layers of {type(model).__name__}")
+
+
+# --- full and partial -------------------------------------------------------------------------------
+
+def _full_wrap(load_base: LoadBase, cfg: "TrainConfig", run: RunInfo) -> "nn.Module":
+    return load_base()
+
+
+def _partial_wrap(load_base: LoadBase, cfg: "TrainConfig", run: RunInfo) -> "nn.Module":
+    """Freeze the encoder (embeddings and all blocks) except its top `unfreeze_layers` blocks; pooler and head train."""
+    model = load_base()
+    layers = encoder_layers(model)
+    for parameter in model.base_model.parameters():
+        parameter.requires_grad = False
+    for block in list(layers)[len(layers) - cfg.unfreeze_layers:] if cfg.unfreeze_layers else []:
+        block.requires_grad_(True)
+    pooler = getattr(model.base_model, "pooler", None)
+    if pooler is not None:
+        pooler.requires_grad_(True)
     return model
 
 
-def _full_load(model_dir: Path, load_base: Callable[[], "PreTrainedModel"]) -> "PreTrainedModel":
+def _full_load(model_dir: Path, load_base: LoadBase, summary: dict[str, Any]) -> "nn.Module":
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(model_dir)
+    return AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
 
 
-def _lora_wrap(model: "PreTrainedModel", cfg: "TrainConfig") -> "PreTrainedModel":
-    from peft import LoraConfig, TaskType, get_peft_model
+# --- PEFT: LoRA family and IA3 (merged for export) ------------------------------------------------
+
+def _lora_config(cfg: "TrainConfig", run: RunInfo | None = None, **extra: Any):
+    from peft import LoraConfig, TaskType
 
     lora = cfg.lora
-    return get_peft_model(
-        model,
-        LoraConfig(task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules),
-    )
+    return LoraConfig(task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, **extra)
 
 
-def _peft_load_merged(model_dir: Path, load_base: Callable[[], "PreTrainedModel"]) -> "PreTrainedModel":
+def _peft(config_for: Callable[..., Any]) -> Callable[[LoadBase, "TrainConfig", RunInfo], "nn.Module"]:
+    def wrap(load_base: LoadBase, cfg: "TrainConfig", run: RunInfo) -> "nn.Module":
+        from peft import get_peft_model
+
+        return get_peft_model(load_base(), config_for(cfg, run))
+
+    return wrap
+
+
+def _adalora_config(cfg: "TrainConfig", run: RunInfo):
+    from peft import AdaLoraConfig, TaskType
+
+    ada, lora, total = cfg.adalora, cfg.lora, run.total_steps
+    return AdaLoraConfig(task_type=TaskType.SEQ_CLS, init_r=ada.init_r, target_r=ada.target_r, lora_alpha=lora.alpha,
+                         lora_dropout=lora.dropout, target_modules=lora.target_modules, total_step=total,
+                         tinit=int(ada.tinit_fraction * total), tfinal=int(ada.tfinal_fraction * total))
+
+
+def _ia3_config(cfg: "TrainConfig", run: RunInfo):
+    from peft import IA3Config, TaskType
+
+    return IA3Config(task_type=TaskType.SEQ_CLS, target_modules=cfg.ia3.target_modules,
+                     feedforward_modules=cfg.ia3.feedforward_modules)
+
+
+def _peft_load_merged(model_dir: Path, load_base: LoadBase, summary: dict[str, Any]) -> "nn.Module":
     from peft import PeftModel
 
     return PeftModel.from_pretrained(load_base(), model_dir).merge_and_unload()
 
 
-METHODS: dict[str, Method] = {
-    "full": Method("full", "all weights trained", _full_wrap, _full_load),
-    "lora": Method("lora", "low-rank adapters on the linear layers (PEFT), merged for export", _lora_wrap, _peft_load_merged),
-}
+# --- QLoRA: LoRA on a 4-bit NF4 base; de-quantised before merging --------------------------------
+
+def _bnb_config(quant_type: str, double_quant: bool, compute_dtype: str):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype), llm_int8_skip_modules=["classifier", "pooler"])
+
+
+def _qlora_wrap(load_base: LoadBase, cfg: "TrainConfig", run: RunInfo) -> "nn.Module":
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    compute_dtype = "bfloat16" if run.bf16 else "float32"
+    base = load_base(quantization_config=_bnb_config(cfg.qlora.quant_type, cfg.qlora.double_quant, compute_dtype))
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    _keep_4bit_layout_trainable(base)
+    return get_peft_model(base, _lora_config(cfg))
+
+
+def _keep_4bit_layout_trainable(model: "nn.Module") -> None:
+    """On AVX512-BF16 CPUs, bitsandbytes repacks 4-bit weights into an inference-only layout at the first
+    forward in eval mode (the Trainer's per-epoch evaluation) and keeps it: training then goes through a kernel
+    that fails for layers narrower than a quantisation block. Keep the trainable layout."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _qlora_load_merged(model_dir: Path, load_base: LoadBase, summary: dict[str, Any]) -> "nn.Module":
+    """Quantise the base exactly as in training, de-quantise it to fp32, then merge: never merge into 4-bit weights."""
+    import torch
+    from peft import PeftModel
+
+    quant = summary["qlora"]
+    quantized = load_base(quantization_config=_bnb_config(quant["quant_type"], quant["double_quant"], "float32"))
+    base = quantized.dequantize().to(torch.float32)  # bitsandbytes de-quantises to fp16 by default
+    return PeftModel.from_pretrained(base, model_dir).merge_and_unload()
+
+
+def _qlora_blocker(model: "nn.Module", cfg: "TrainConfig", max_length: int) -> str | None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return "bitsandbytes is not installed"
+    return None
+
+
+# --- PEFT prompt learning (cannot merge: exported as base + prompt through a wrapper) -------------
+
+def _prefix_config(cfg: "TrainConfig", run: RunInfo):
+    from peft import PrefixTuningConfig, TaskType
+
+    prompt = cfg.prompt_learning
+    return PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=prompt.num_virtual_tokens,
+                              prefix_projection=prompt.prefix_projection, encoder_hidden_size=prompt.encoder_hidden_size)
+
+
+def _prompt_config(cfg: "TrainConfig", run: RunInfo):
+    from peft import PromptTuningConfig, TaskType
+
+    return PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=cfg.prompt_learning.num_virtual_tokens)
+
+
+def _p_tuning_config(cfg: "TrainConfig", run: RunInfo):
+    from peft import PromptEncoderConfig, TaskType
+
+    prompt = cfg.prompt_learning
+    return PromptEncoderConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=prompt.num_virtual_tokens,
+                               encoder_hidden_size=prompt.encoder_hidden_size)
+
+
+def _peft_load_unmerged(model_dir: Path, load_base: LoadBase, summary: dict[str, Any]) -> "nn.Module":
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_base(), model_dir)
+
+
+def _prompt_tokens(cfg: "TrainConfig") -> int:
+    return cfg.prompt_learning.num_virtual_tokens
+
+
+def _prompt_blocker(model: "nn.Module", cfg: "TrainConfig", max_length: int) -> str | None:
+    """Virtual tokens occupy positions (soft prompts in the input; prefixes shift BERT's position ids by the
+    cache length): text + virtual tokens must fit the position embeddings."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    needed = max_length + cfg.prompt_learning.num_virtual_tokens
+    if positions is not None and needed > positions:
+        return (f"model.max_length {max_length} + train.prompt_learning.num_virtual_tokens "
+                f"{cfg.prompt_learning.num_virtual_tokens} = {needed} exceeds the model's {positions} positions")
+    return None
+
+
+# --- AdapterHub bottleneck adapters (cannot merge: exported as base + adapter modules) -----------
+
+def _bottleneck(config_name: str) -> Callable[[LoadBase, "TrainConfig", RunInfo], "nn.Module"]:
+    def wrap(load_base: LoadBase, cfg: "TrainConfig", run: RunInfo) -> "nn.Module":
+        import adapters
+
+        model = load_base()
+        adapters.init(model)
+        config = adapters.AdapterConfig.load(config_name, reduction_factor=cfg.adapter.reduction_factor,
+                                             non_linearity=cfg.adapter.non_linearity)
+        model.add_adapter(ADAPTER_NAME, config=config)
+        model.train_adapter(ADAPTER_NAME)  # freezes the base; the adapter and the (static) head train
+        return model
+
+    return wrap
+
+
+def _adapter_save(model: "nn.Module", out_dir: Path) -> None:
+    model.save_adapter(str(out_dir), ADAPTER_NAME, with_head=True, use_safetensors=True)
+    model.config.save_pretrained(out_dir)
+
+
+def _adapter_load(model_dir: Path, load_base: LoadBase, summary: dict[str, Any]) -> "nn.Module":
+    import adapters
+
+    model = load_base()
+    adapters.init(model)
+    model.load_adapter(str(model_dir), load_as=ADAPTER_NAME, with_head=True, set_active=True, use_safetensors=True)
+    return model
+
+
+METHODS: dict[str, Method] = {method.name: method for method in [
+    Method("full", "all weights trained", "merged", _full_wrap, _full_load, suggested_lr=5e-5),
+    Method("partial", "encoder frozen except its top train.unfreeze_layers blocks; pooler and head train", "merged",
+           _partial_wrap, _full_load, suggested_lr=2e-4),
+    Method("lora", "low-rank adapters (PEFT LoRA) on train.lora.target_modules, merged for export", "merged",
+           _peft(_lora_config), _peft_load_merged),
+    Method("dora", "weight-decomposed LoRA (PEFT use_dora), merged for export", "merged",
+           _peft(lambda cfg, run: _lora_config(cfg, use_dora=True)), _peft_load_merged),
+    Method("adalora", "LoRA with adaptive rank budget (PEFT AdaLoRA), merged for export", "merged",
+           _peft(_adalora_config), _peft_load_merged, reload_checkpoints=False),
+    Method("ia3", "learned rescaling of keys, values and FFN activations (PEFT IA3), merged for export", "merged",
+           _peft(_ia3_config), _peft_load_merged, suggested_lr=5e-3),
+    Method("qlora", "LoRA on a 4-bit NF4 base (bitsandbytes); base de-quantised to fp32, then merged for export", "merged",
+           _qlora_wrap, _qlora_load_merged, export_blocker=_qlora_blocker),
+    Method("prefix", "trained key/value prefixes on every layer (PEFT prefix tuning, P-tuning v2 style)", "wrapper",
+           _peft(_prefix_config), _peft_load_unmerged, export_blocker=_prompt_blocker, virtual_tokens=_prompt_tokens,
+           suggested_lr=1e-2),
+    Method("prompt", "trained soft prompt prepended to the input embeddings (PEFT prompt tuning)", "wrapper",
+           _peft(_prompt_config), _peft_load_unmerged, export_blocker=_prompt_blocker, virtual_tokens=_prompt_tokens,
+           suggested_lr=3e-2),
+    Method("p_tuning", "soft prompt produced by an MLP prompt encoder (PEFT P-tuning)", "wrapper",
+           _peft(_p_tuning_config), _peft_load_unmerged, export_blocker=_prompt_blocker, virtual_tokens=_prompt_tokens,
+           suggested_lr=1e-2),
+    Method("adapter_houlsby", "bottleneck adapters after attention and FFN (AdapterHub double_seq_bn)", "wrapper",
+           _bottleneck("double_seq_bn"), _adapter_load, save=_adapter_save),
+    Method("adapter_pfeiffer", "bottleneck adapter after the FFN (AdapterHub seq_bn)", "wrapper",
+           _bottleneck("seq_bn"), _adapter_load, save=_adapter_save),
+]}

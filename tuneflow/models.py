@@ -32,7 +32,7 @@ def load_tokenizer(cfg: ModelConfig):
     return AutoTokenizer.from_pretrained(resolve_base(cfg.base), trust_remote_code=cfg.trust_remote_code)
 
 
-def load_classifier(cfg: ModelConfig, labels: list[str]):
+def load_classifier(cfg: ModelConfig, labels: list[str], **from_pretrained: object):
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -46,6 +46,7 @@ def load_classifier(cfg: ModelConfig, labels: list[str]):
             label2id={label: index for index, label in enumerate(labels)},
             ignore_mismatched_sizes=True,  # a base that already has a classifier head gets a fresh one
             trust_remote_code=cfg.trust_remote_code,
+            **from_pretrained,  # e.g. a quantization_config (qlora)
         )
     finally:
         hf_logging.set_verbosity(verbosity)
