@@ -150,9 +150,8 @@ def train(data_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Pat
         progress.say(f"[tuneflow] max_length {max_length}: {max_length_source}")
 
     def encode(frame):
-        dataset = Dataset.from_dict({"text": frame["text"].tolist(), "labels": frame["label"].map(label_ids).tolist()})
-        return dataset.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
-                           batched=True, remove_columns=["text"])
+        encoded = tokenizer(frame["text"].tolist(), truncation=True, max_length=max_length)
+        return Dataset.from_dict({**encoded, "labels": frame["label"].map(label_ids).tolist()})
 
     train_set, validation_set = encode(splits["train"]), encode(splits["validation"])
     world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
@@ -223,7 +222,7 @@ def train(data_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Pat
         load_best_model_at_end=method.reload_checkpoints,
         metric_for_best_model="macro_f1",
         greater_is_better=True,
-        group_by_length=True,
+        group_by_length=cfg.group_by_length,
         bf16=bf16,
         use_cpu=not torch.cuda.is_available(),  # bf16 on a CPU is only accepted with use_cpu
         seed=cfg.seed,

@@ -36,7 +36,8 @@ def test_every_practice_switched_on_trains_and_records_it(tiny_model, data_dir, 
 
     cfg = TrainConfig(method="full", epochs=3, batch_size=4, learning_rate=5e-3, gradient_accumulation_steps=2,
                       gradient_checkpointing=True, class_weights="balanced", layerwise_lr_decay=0.8,
-                      gradual_unfreezing=True, deterministic=True, lr_scheduler="cosine", save_steps=3)
+                      gradual_unfreezing=True, deterministic=True, lr_scheduler="cosine", save_steps=3,
+                      group_by_length=False)  # the one practice on by default: switched off here
     summary = train(data_dir, ModelConfig(base=str(tiny_model), max_length=24), cfg, tmp_path / "model", tmp_path / "work").summary
     assert summary["optimizer_steps"] == summary["planned_optimizer_steps"]
     assert summary["max_length"] == 24 and summary["max_length_source"] == "model.max_length"

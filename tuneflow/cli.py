@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     # No phoning home from the tools we drive (and no error lines on offline machines); users may opt in.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # bitsandbytes (imported by PEFT) warns on every start that an optional hub-fetched CPU kernel is absent
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:
         return dispatch(args)

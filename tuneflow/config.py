@@ -120,6 +120,7 @@ class TrainConfig(Section):
     threads: int | None = Field(default=None, ge=1)
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     gradient_checkpointing: bool = False
+    group_by_length: bool = True  # batches of similar length (less padding); padding itself is always dynamic
     class_weights: Literal["none", "balanced"] = "none"
     layerwise_lr_decay: float = Field(default=1.0, gt=0, le=1)  # 1.0 = off; 0.9 = each layer down gets 0.9x the lr
     gradual_unfreezing: bool = False  # full/partial: unfreeze encoder layers top-down, a group per epoch
