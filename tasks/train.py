@@ -118,7 +118,6 @@ def weight_files_ok(model_dir: Path) -> dict[str, int]:
 def train(data_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path, work_dir: Path) -> TrainResult:
     """Fine-tune `model_cfg.base` with `cfg.method` on the train split; keep the best validation epoch."""
     import torch
-    from datasets import Dataset
     from sklearn.metrics import accuracy_score, f1_score
     from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
@@ -149,9 +148,12 @@ def train(data_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Pat
         max_length_source = f"P{model_cfg.max_length_percentile:g} of {len(lengths)} training texts' token lengths (limit {limit})"
         progress.say(f"[tuneflow] max_length {max_length}: {max_length_source}")
 
-    def encode(frame):
+    def encode(frame) -> list[dict[str, Any]]:
+        """One dict of token ids per row. A plain list, not a `datasets.Dataset`: its fingerprinting runs dill, whose
+        bytecode dumps end up in Prefect's task logs (log_prints)."""
         encoded = tokenizer(frame["text"].tolist(), truncation=True, max_length=max_length)
-        return Dataset.from_dict({**encoded, "labels": frame["label"].map(label_ids).tolist()})
+        return [{**{key: values[row] for key, values in encoded.items()}, "labels": label}
+                for row, label in enumerate(frame["label"].map(label_ids))]
 
     train_set, validation_set = encode(splits["train"]), encode(splits["validation"])
     world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
@@ -179,7 +181,7 @@ def train(data_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Pat
         callbacks.append(AdaLoraBudget())
     loss_func = None
     if cfg.class_weights == "balanced":
-        loss_func = weighted_loss(balanced_class_weights(train_set["labels"], len(labels)))
+        loss_func = weighted_loss(balanced_class_weights([row["labels"] for row in train_set], len(labels)))
 
     def compute_metrics(prediction) -> dict[str, float]:
         predicted = np.argmax(prediction.predictions, axis=-1)
