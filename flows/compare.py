@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tuneflow import progress
 from tuneflow.artifacts import Layout, read_json, write_json
-from tuneflow.config import Params
+from tuneflow.config import Params, parse_set
 from tuneflow.stages import STAGES
 
 COLUMNS = [("method", "method"), ("learning_rate", "lr"), ("test_macro_f1", "macro-F1"), ("test_accuracy", "accuracy"),
@@ -44,8 +44,7 @@ def compare_one(method: str, params: Params, params_file: str, overrides: list[s
 
     layout = method_layout(root, shared, method)
     # each method at its own suggested learning rate (full fine-tuning diverges at LoRA's 1e-3), unless one is given
-    lr_given = any(pair.partition("=")[0].strip() == "train.learning_rate" for pair in overrides)
-    learning_rate = params.train.learning_rate if lr_given else METHODS[method].suggested_lr
+    learning_rate = params.train.learning_rate if "train.learning_rate" in parse_set(overrides) else METHODS[method].suggested_lr
     command = [sys.executable, "-m", "tuneflow", "--params", params_file, "train",
                *(arg for pair in overrides for arg in ("--set", pair)),
                "--set", f"artifacts={layout.root}", "--set", f"train.method={method}", "--set", f"train.learning_rate={learning_rate}"]

@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 from datasketch import MinHash
 
+from tasks.ingest import SPLITS
 from tuneflow.config import ValidationConfig
 from tuneflow.text import fold, stable_hash
 
-SPLITS = ("train", "validation", "test")
 PARALLEL_FROM = 20_000  # texts; below, a worker pool costs more than it saves
 Severity = Literal["error", "warning", "info"]
 
@@ -74,8 +74,9 @@ GX_CHECKS = {
 }
 
 
-def gx_checks(splits: dict[str, pd.DataFrame], labels: list[str], cfg: ValidationConfig) -> list[Check]:
-    """Run a GX expectation suite per split (ephemeral context, pandas source); one Check per expectation kind."""
+def gx_checks(splits: dict[str, pd.DataFrame], rows: pd.DataFrame, labels: list[str], cfg: ValidationConfig) -> list[Check]:
+    """Run a GX expectation suite per split (ephemeral context, pandas source); one Check per expectation kind.
+    `rows` is `table(splits)`: its folded texts are what the text checks see."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     import great_expectations.expectations as gxe
@@ -89,7 +90,7 @@ def gx_checks(splits: dict[str, pd.DataFrame], labels: list[str], cfg: Validatio
     for name in SPLITS:
         frame = splits[name]
         if "text" in frame:  # text checks see the folded text, as every other check does
-            frame = frame.assign(text=[fold(text) if isinstance(text, str) else None for text in frame["text"]])
+            frame = frame.assign(text=rows.loc[rows["split"] == name, "folded"].to_numpy())
         label_rule = (gxe.ExpectColumnDistinctValuesToEqualSet if name == "train" else gxe.ExpectColumnDistinctValuesToBeInSet)
         suite = gx.ExpectationSuite(name=f"tuneflow-{name}", expectations=[
             gxe.ExpectTableColumnsToMatchSet(column_set=["text", "label"], exact_match=True),

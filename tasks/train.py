@@ -8,6 +8,7 @@ train config and the data; re-running the same command after an interruption res
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -200,11 +201,8 @@ def train(data_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Pat
         shutil.rmtree(run_dir, ignore_errors=True)
         resume = None
     deepspeed = distributed.deepspeed_config_path(cfg.distributed)
-    if deepspeed is not None:
-        try:
-            import deepspeed as _  # noqa: F401
-        except ImportError:
-            raise InputError(f"train.distributed={cfg.distributed}: deepspeed is not installed (pip install deepspeed on the GPU machine)") from None
+    if deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
+        raise InputError(f"train.distributed={cfg.distributed}: deepspeed is not installed (pip install deepspeed on the GPU machine)")
     args = TrainingArguments(
         output_dir=str(run_dir),
         num_train_epochs=cfg.epochs,
@@ -248,7 +246,7 @@ def train(data_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Pat
         optimizers=(optimizer, None),
         callbacks=callbacks,
     )
-    resumed = json.loads((resume / "trainer_state.json").read_text()) if resume else {"global_step": None, "epoch": 0}
+    resumed = read_json(resume / "trainer_state.json") if resume else {"global_step": None, "epoch": 0}
     if resume is not None:
         progress.say(f"[tuneflow] resuming from checkpoint {resume} (step {resumed['global_step']} of {total_steps})")
     started = time.perf_counter()

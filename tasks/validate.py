@@ -18,7 +18,6 @@ from typing import Any
 import pandas as pd
 
 from tasks.gate_checks import (
-    SPLITS,
     Check,
     Pair,
     class_balance,
@@ -29,7 +28,7 @@ from tasks.gate_checks import (
     near_duplicate_pairs,
     table,
 )
-from tasks.ingest import content_hash, read_splits
+from tasks.ingest import SPLITS, content_hash, read_splits
 from tuneflow.artifacts import atomic_dir, read_json, write_json
 from tuneflow.config import ValidationConfig
 
@@ -84,7 +83,7 @@ def run_checks(splits: dict[str, pd.DataFrame], labels: list[str], cfg: Validati
     rows = table(splits)
     pairs = near_duplicate_pairs(rows, cfg)
     checks = [
-        *gx_checks(splits, labels, cfg),
+        *gx_checks(splits, rows, labels, cfg),
         label_conflicts(rows, cfg),
         *class_balance(rows, cfg),
         *exact_duplicates(rows, cfg),

@@ -80,8 +80,8 @@ def dispatch(args: argparse.Namespace) -> int:
 
     from tuneflow.stages import STAGES
 
-    fix_flag = ("--fix", {"validation.fix": True}) if getattr(args, "fix", False) else ("--fix", {})
-    params = load_params(args.params, command_line, fix_flag)
+    fix_flag = {"validation.fix": True} if getattr(args, "fix", False) else {}
+    params = load_params(args.params, command_line, ("--fix", fix_flag))
     layout = Layout(Path(params.artifacts))
     with progress.stage(args.command):
         STAGES[args.command](params, layout, pipeline="stage-by-stage (params.yaml)")

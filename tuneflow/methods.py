@@ -169,14 +169,6 @@ def _qlora_load_merged(model_dir: Path, load_base: LoadBase, summary: dict[str, 
     return PeftModel.from_pretrained(base, model_dir).merge_and_unload()
 
 
-def _qlora_blocker(model: "nn.Module", cfg: "TrainConfig", max_length: int) -> str | None:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return "bitsandbytes is not installed"
-    return None
-
-
 # --- PEFT prompt learning (cannot merge: exported as base + prompt through a wrapper) -------------
 
 def _prefix_config(cfg: "TrainConfig", run: RunInfo):
@@ -266,7 +258,7 @@ METHODS: dict[str, Method] = {method.name: method for method in [
     Method("ia3", "learned rescaling of keys, values and FFN activations (PEFT IA3), merged for export", "merged",
            _peft(_ia3_config), _peft_load_merged, suggested_lr=5e-3),
     Method("qlora", "LoRA on a 4-bit NF4 base (bitsandbytes); base de-quantised to fp32, then merged for export", "merged",
-           _qlora_wrap, _qlora_load_merged, export_blocker=_qlora_blocker),
+           _qlora_wrap, _qlora_load_merged),
     Method("prefix", "trained key/value prefixes on every layer (PEFT prefix tuning, P-tuning v2 style)", "wrapper",
            _peft(_prefix_config), _peft_load_unmerged, export_blocker=_prompt_blocker, virtual_tokens=_prompt_tokens,
            suggested_lr=1e-2),

@@ -108,11 +108,15 @@ def balanced_class_weights(label_ids: list[int], classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def series(history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    """(step, value) of one logged quantity ("loss", "eval_loss", "grad_norm") from the Trainer's log history."""
+    return [(entry["step"], entry[key]) for entry in history if key in entry]
+
+
 def diagnose(history: list[dict[str, Any]], explosion_factor: float = 10.0) -> dict[str, Any]:
     """Overfitting, learning-rate and gradient-norm verdicts from the Trainer's log history."""
-    train = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry and "eval_loss" not in entry]
-    evals = [(entry["step"], entry["eval_loss"]) for entry in history if "eval_loss" in entry]
-    norms = np.array([entry["grad_norm"] for entry in history if "grad_norm" in entry], dtype=float)
+    train, evals = series(history, "loss"), series(history, "eval_loss")
+    norms = np.array([norm for _, norm in series(history, "grad_norm")], dtype=float)
     warnings: list[str] = []
 
     overfitting = False
@@ -163,9 +167,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
-    evals = [(entry["step"], entry["eval_loss"]) for entry in history if "eval_loss" in entry]
-    norms = [(entry["step"], entry["grad_norm"]) for entry in history if "grad_norm" in entry]
+    train, evals, norms = series(history, "loss"), series(history, "eval_loss"), series(history, "grad_norm")
     figure, (loss_axes, norm_axes) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     if train:
         loss_axes.plot(*zip(*train), label="train loss")
