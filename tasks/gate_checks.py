@@ -69,8 +69,8 @@ GX_CHECKS = {
     "expect_table_row_count_to_be_between": ("min_rows_per_split", "each split has at least validation.min_rows_per_split rows"),
     "expect_column_values_to_not_be_null": ("not_null", "no missing text or label"),
     "expect_column_value_lengths_to_be_between": ("text_length", "folded text length within validation.min_text_chars..max_text_chars"),
-    "expect_column_distinct_values_to_equal_set": ("label_set", "train holds exactly the schema's label set"),
-    "expect_column_distinct_values_to_be_in_set": ("label_set", "validation/test labels are in the schema's label set"),
+    "expect_column_distinct_values_to_equal_set": ("label_set", "train holds exactly the schema's label set; validation/test labels are within it"),
+    "expect_column_distinct_values_to_be_in_set": ("label_set", "train holds exactly the schema's label set; validation/test labels are within it"),
 }
 
 
