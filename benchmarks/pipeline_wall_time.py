@@ -27,6 +27,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import publish  # noqa: E402
+
 TUNEFLOW = Path(sys.executable).parent / "tuneflow"
 
 
@@ -79,9 +83,7 @@ def main() -> None:
     header = (f"## Default pipeline wall time — {stamp}\n\nMachine: {os.cpu_count()} cores, {platform.machine()}, "
               f"torch threads default, bf16 {'on' if summary['bf16'] else 'off'}; command `{' '.join(['tuneflow', 'run'] + args.overrides)}`\n\n")
     table = "| measure | value | target |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows) + "\n"
-    print(header + table)
-    with open(REPO / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as results:
-        results.write("\n" + header + table)
+    publish("\n" + header + table)
     shutil.rmtree(scratch, ignore_errors=True)
 
 

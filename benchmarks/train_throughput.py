@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-MR = REPO.parent / "shared" / "datasets" / "mr-polarity" / "mr.csv"
+from benchmarks.common import MR, merged_test_accuracy, publish  # noqa: E402
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:
@@ -105,20 +105,14 @@ def main() -> None:
     del trainer, model
 
     # --- tuneflow's train stage: its defaults, then the same without length grouping ------------------
-    texts, truth = splits["test"]["text"].tolist(), splits["test"]["label"].map(label_ids).to_numpy()
     for name, variant in (("tuneflow defaults", cfg), ("tuneflow defaults, no length grouping", cfg.model_copy(update={"group_by_length": False}))):
         summary = train(data_dir, model_cfg, variant, work / name / "model", work / name / "work").summary
-        merged = METHODS[cfg.method].load_merged(work / name / "model", lambda **kw: load_classifier(model_cfg, labels, **kw), summary).eval()
-        predictions = []
-        with torch.no_grad():
-            for start in range(0, len(texts), 64):
-                batch = tokenizer(texts[start:start + 64], truncation=True, max_length=summary["max_length"], padding=True, return_tensors="pt")
-                predictions.append(merged(**batch).logits.argmax(-1).numpy())
+        accuracy, _ = merged_test_accuracy(work / name / "model", data_dir, summary)
         lengths = [len(ids) for ids in tokenizer(splits["train"]["text"].tolist(), truncation=True, max_length=summary["max_length"])["input_ids"]]
         bf16 = summary["bf16"]
         rows.append({"recipe": f"{name} (dynamic pad, max_length {summary['max_length']}, {'bf16' if bf16 else 'fp32'})",
                      "samples_per_s": summary["train_samples_per_s"], "seconds": summary["train_time_s"],
-                     "accuracy": float((np.concatenate(predictions) == truth).mean()), "bf16": bf16,
+                     "accuracy": accuracy, "bf16": bf16,
                      "flops": flops_per_token * sum(lengths) * cfg.epochs})
 
     seeds, ours = rows[0], rows[1]
@@ -145,10 +139,7 @@ def main() -> None:
                   f"Without length grouping: {rows[2]['samples_per_s'] / seeds['samples_per_s']:.2f}x, "
                   f"{(rows[2]['accuracy'] - seeds['accuracy']) * 100:+.2f} pt. "
                   f"Samples/s include the per-epoch validation pass in every recipe.", ""]
-    text = "\n".join(lines)
-    print(text)
-    with open(REPO / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as results:
-        results.write(text)
+    publish("\n".join(lines))
 
 
 if __name__ == "__main__":

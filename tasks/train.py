@@ -187,7 +187,8 @@ def train(data_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Pat
     def compute_metrics(prediction) -> dict[str, float]:
         predicted = np.argmax(prediction.predictions, axis=-1)
         return {"accuracy": accuracy_score(prediction.label_ids, predicted),
-                "macro_f1": f1_score(prediction.label_ids, predicted, average="macro")}
+                "macro_f1": f1_score(prediction.label_ids, predicted, average="macro"),
+                "predicted_classes": len(np.unique(predicted))}
 
     key = run_key(model_cfg, cfg, card["data_hash"])
     checkpoints_root = work_dir / "checkpoints"
@@ -264,7 +265,7 @@ def train(data_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Pat
     evals = [entry for entry in history if "eval_macro_f1" in entry]
     best = max(evals, key=lambda entry: entry["eval_macro_f1"]) if method.reload_checkpoints else evals[-1]  # the epoch kept
     weights = weight_files_ok(final)
-    diagnostics = diagnose(history)
+    diagnostics = diagnose(history, classes=len(labels))
     for warning in diagnostics["warnings"]:
         progress.say(f"[tuneflow] warning: {warning}")
     trained_samples = len(train_set) * (trainer.state.epoch - resumed["epoch"])

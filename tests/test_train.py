@@ -42,7 +42,7 @@ def test_every_practice_switched_on_trains_and_records_it(tiny_model, data_dir, 
     assert summary["optimizer_steps"] == summary["planned_optimizer_steps"]
     assert summary["max_length"] == 24 and summary["max_length_source"] == "model.max_length"
     diagnostics = summary["diagnostics"]
-    assert diagnostics["learning_rate"] and diagnostics["grad_norm"]["count"] > 0
+    assert diagnostics["learning_rate"] and diagnostics["grad_norm"]["count"] > 0 and isinstance(diagnostics["collapsed"], bool)
     assert "Training: full" in (tmp_path / "model" / "train_report.md").read_text()
 
 
@@ -96,20 +96,30 @@ def test_max_length_from_token_length_percentiles():
     assert ModelConfig(max_length=None).max_length is None
 
 
-def test_diagnosis_flags_overfitting_rising_loss_and_explosions():
+def test_diagnosis_flags_overfitting_rising_loss_collapse_and_explosions():
     from tuneflow.training import diagnose
 
     overfit = ([{"step": s, "loss": 1.0 - 0.05 * s, "grad_norm": 1.0} for s in range(1, 13)]
                + [{"step": 4, "eval_loss": 0.8}, {"step": 8, "eval_loss": 0.9}, {"step": 12, "eval_loss": 1.1}])
-    result = diagnose(overfit)
+    result = diagnose(overfit, classes=2)
     assert result["overfitting"] and result["learning_rate"].startswith("ok")
     rising = [{"step": s, "loss": 1.0 + 0.1 * s, "grad_norm": 100.0 if s == 5 else 1.0} for s in range(1, 13)]
-    result = diagnose(rising)
+    result = diagnose(rising, classes=2)
     assert result["learning_rate"].startswith("loss rising") and result["grad_norm"]["explosions"] == 1
     assert any("gradient explosion" in warning for warning in result["warnings"])
     flat = [{"step": s, "loss": 0.69, "grad_norm": float("nan") if s == 2 else 0.1} for s in range(1, 13)]
-    result = diagnose(flat)
+    result = diagnose(flat, classes=2)
     assert result["learning_rate"].startswith("loss flat") and result["grad_norm"]["non_finite"] == 1
+    assert not result["collapsed"]
+    # a flat-looking loss, and every validation text given one class
+    collapsed = flat + [{"step": 6, "eval_loss": 0.69, "eval_predicted_classes": 2},
+                        {"step": 12, "eval_loss": 0.69, "eval_predicted_classes": 1}]
+    result = diagnose(collapsed, classes=2)
+    assert result["collapsed"] and result["learning_rate"].startswith("collapsed")
+    assert any("lower train.learning_rate" in warning for warning in result["warnings"])
+    assert not diagnose(collapsed, classes=1)["collapsed"]
+    recovered = collapsed[:-1] + [{"step": 12, "eval_loss": 0.5, "eval_predicted_classes": 3}]
+    assert not diagnose(recovered, classes=5)["collapsed"]
 
 
 def test_empty_weight_files_are_refused(tmp_path):

@@ -113,9 +113,10 @@ def series(history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
     return [(entry["step"], entry[key]) for entry in history if key in entry]
 
 
-def diagnose(history: list[dict[str, Any]], explosion_factor: float = 10.0) -> dict[str, Any]:
-    """Overfitting, learning-rate and gradient-norm verdicts from the Trainer's log history."""
+def diagnose(history: list[dict[str, Any]], classes: int, explosion_factor: float = 10.0) -> dict[str, Any]:
+    """Overfitting, learning-rate, collapse and gradient-norm verdicts from the Trainer's log history."""
     train, evals = series(history, "loss"), series(history, "eval_loss")
+    predicted_classes = series(history, "eval_predicted_classes")
     norms = np.array([norm for _, norm in series(history, "grad_norm")], dtype=float)
     warnings: list[str] = []
 
@@ -143,6 +144,13 @@ def diagnose(history: list[dict[str, Any]], explosion_factor: float = 10.0) -> d
         if not learning_rate.startswith("ok"):
             warnings.append(f"training loss {first:.4f} → {last:.4f}: {learning_rate}")
 
+    # A fine-tuned encoder that answers one class for everything has diverged (on MR, LoRA at twice the default
+    # learning rate ended at validation accuracy 0.50 this way); the loss alone can look merely flat.
+    collapsed = classes > 1 and bool(predicted_classes) and predicted_classes[-1][1] == 1
+    if collapsed:
+        learning_rate = "collapsed: one class predicted for every validation text; learning rate likely too high"
+        warnings.append(f"{learning_rate} (lower train.learning_rate)")
+
     grad: dict[str, Any] = {"count": int(norms.size)}
     if norms.size:
         finite = norms[np.isfinite(norms)]
@@ -156,7 +164,8 @@ def diagnose(history: list[dict[str, Any]], explosion_factor: float = 10.0) -> d
         if grad.get("explosions"):
             warnings.append(f"gradient explosion: {grad['explosions']} logged steps above {explosion_factor:g}x the median "
                             f"norm {grad['median']:.3g} (max {grad['max']:.3g}); clipping at train.max_grad_norm")
-    return {"overfitting": bool(overfitting), "learning_rate": learning_rate, "grad_norm": grad, "warnings": warnings,
+    return {"overfitting": bool(overfitting), "learning_rate": learning_rate, "collapsed": collapsed, "grad_norm": grad,
+            "warnings": warnings,
             "final_train_loss": train[-1][1] if train else None, "final_validation_loss": evals[-1][1] if evals else None}
 
 
