@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tuneflow.config import ModelConfig
 
 MR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mr-polarity" / "mr.csv"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -18,16 +21,15 @@ def publish(text: str) -> None:
         results.write(text)
 
 
-def merged_test_accuracy(model_dir: Path, data_dir: Path, summary: dict[str, Any]) -> tuple[float, int]:
+def merged_test_accuracy(model_dir: Path, data_dir: Path, model_cfg: ModelConfig, summary: dict[str, Any]) -> tuple[float, int]:
     """(accuracy, rows) on the test split of `data_dir`, from train's output in `model_dir` and its train_summary."""
     import torch
 
     from tasks.ingest import read_splits
-    from tuneflow.config import ModelConfig
     from tuneflow.methods import METHODS
     from tuneflow.models import load_classifier, load_tokenizer
 
-    model_cfg, labels = ModelConfig(), summary["labels"]
+    labels = summary["labels"]
     model = METHODS[summary["method"]].load_merged(model_dir, lambda **kw: load_classifier(model_cfg, labels, **kw), summary).eval()
     tokenizer = load_tokenizer(model_cfg)
     test = read_splits(data_dir)["test"]

@@ -107,7 +107,7 @@ def main() -> None:
     # --- tuneflow's train stage: its defaults, then the same without length grouping ------------------
     for name, variant in (("tuneflow defaults", cfg), ("tuneflow defaults, no length grouping", cfg.model_copy(update={"group_by_length": False}))):
         summary = train(data_dir, model_cfg, variant, work / name / "model", work / name / "work").summary
-        accuracy, _ = merged_test_accuracy(work / name / "model", data_dir, summary)
+        accuracy, _ = merged_test_accuracy(work / name / "model", data_dir, model_cfg, summary)
         lengths = [len(ids) for ids in tokenizer(splits["train"]["text"].tolist(), truncation=True, max_length=summary["max_length"])["input_ids"]]
         bf16 = summary["bf16"]
         rows.append({"recipe": f"{name} (dynamic pad, max_length {summary['max_length']}, {'bf16' if bf16 else 'fp32'})",
