@@ -24,7 +24,7 @@ run: setup
 	$(BIN)/tuneflow run
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 bench: setup
 	$(BIN)/python benchmarks/pipeline_wall_time.py

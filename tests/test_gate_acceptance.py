@@ -1,8 +1,6 @@
 """The data gate on real corpora: BBC News with its 101 duplicate groups, and the clean MR polarity set."""
 
-import pytest
-
-from conftest import MR_CSV
+from conftest import MR_CSV, needs_mr
 from tasks.ingest import ingest
 from tasks.validate import validate
 from tuneflow.config import BUILTIN_BBC, DataConfig, ValidationConfig
@@ -20,7 +18,7 @@ def test_bbc_without_dedup_leaks_and_fix_repairs_it(tmp_path):
     assert fixed.passed and fixed.removed and all(item["split"] != "train" for item in fixed.removed)
 
 
-@pytest.mark.skipif(not MR_CSV.exists(), reason="shared MR dataset not present")
+@needs_mr
 def test_mr_polarity_passes_without_errors_or_warnings(tmp_path):
     data_dir = ingest(DataConfig(source=str(MR_CSV)), tmp_path / "data").data_dir
     result = validate(data_dir, ValidationConfig(), tmp_path / "gate")

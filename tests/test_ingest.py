@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import MR_CSV, topic_frame
+from conftest import MR_CSV, needs_mr, topic_frame
 from tasks.ingest import ingest, read_splits
 from tuneflow.config import DataConfig
 from tuneflow.errors import InputError
@@ -106,6 +106,7 @@ def test_builtin_bbc_counts_duplicates_and_the_one_bad_byte(tmp_path):
     assert card["rows_kept"] == 200 and len(result.labels) == 5
 
 
+@needs_mr
 def test_mr_polarity_sample_is_stratified(tmp_path):
     result = run(tmp_path, source=str(MR_CSV), sample=1000)
     counts = {split: sum(per_class.values()) for split, per_class in result.card["class_counts"].items()}
