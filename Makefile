@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned: pip takes the CPU wheel from this machine's disk instead of a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0 $(PIP_QUIET)
 	$(BIN)/pip install --quiet -e '.[dev]' $(PIP_QUIET)
-	$(BIN)/python -c "import tuneflow.cli, torch, transformers, peft, mlflow, prefect, onnxruntime"
+	$(BIN)/python -c "import cli.main, torch, transformers, peft, mlflow, prefect, onnxruntime"
 	touch $@
 
 run: setup

@@ -25,12 +25,13 @@ def merged_test_accuracy(model_dir: Path, data_dir: Path, model_cfg: ModelConfig
     """(accuracy, rows) on the test split of `data_dir`, from train's output in `model_dir` and its train_summary."""
     import torch
 
-    from tasks.ingest import read_splits
+    from tuneflow.data import read_splits
     from tuneflow.methods import METHODS
     from tuneflow.models import load_classifier, load_tokenizer
 
     labels = summary["labels"]
-    model = METHODS[summary["method"]].load_merged(model_dir, lambda **kw: load_classifier(model_cfg, labels, **kw), summary).eval()
+    model = METHODS[summary["method"]].load_merged(model_dir, lambda **kw: load_classifier(model_cfg, labels, **kw),
+                                                  summary["export_record"]).eval()
     tokenizer = load_tokenizer(model_cfg)
     test = read_splits(data_dir)["test"]
     texts, truth = test["text"].tolist(), test["label"].map({label: i for i, label in enumerate(labels)}).to_numpy()

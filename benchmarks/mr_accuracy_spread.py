@@ -43,23 +43,30 @@ RUNS = [
 
 
 def main() -> None:
-    from tasks.ingest import ingest
-    from tasks.train import train, use_bf16
-    from tasks.validate import validate
+    from pipeline.runner import run_stage
+    from pipeline.table import STAGES
+    from tasks.train import use_bf16
+    from tuneflow import artifacts
+    from tuneflow.artifacts import read_json
     from tuneflow.config import load_params
+    from tuneflow.errors import DataGateFailed
 
     work = Path(tempfile.mkdtemp(prefix="tuneflow-spread-"))
     rows = []
     for index, (name, changes) in enumerate(RUNS):
-        run, params = work / str(index), load_params(REPO / "params.yaml", (name, {"data.source": str(MR), **changes}))
-        ingest(params.data, run / "data")
-        gate = validate(run / "data", params.validation, run / "validation")
-        if not gate.passed:
-            raise SystemExit(f"{name}: the data gate failed on MR ({run / 'validation' / 'report.md'})")
-        summary = train(gate.data_dir, params.model, params.train, run / "model", run / "work").summary
-        accuracy, test_rows = merged_test_accuracy(run / "model", gate.data_dir, params.model, summary)
+        run = work / str(index)
+        params = load_params(REPO / "params.yaml", (name, {"artifacts": str(run), "data.source": str(MR), **changes}))
+        try:
+            for stage in ("ingest", "validate"):
+                run_stage(STAGES[stage], params)
+        except DataGateFailed as failed:
+            raise SystemExit(f"{name}: {failed}") from None
+        gated = run / artifacts.VALIDATION / artifacts.GATED_DATA
+        summary = run_stage(STAGES["train"], params).summary
+        accuracy, test_rows = merged_test_accuracy(run / artifacts.MODEL, gated, params.model, summary)
+        removed = read_json(run / artifacts.VALIDATION / artifacts.FIX_DIFF)["removed_rows"]
         rows.append({"name": name, "validation": summary["best_validation_accuracy"], "test": accuracy, "test_rows": test_rows,
-                     "removed": len(gate.removed), "train_rows": summary["train_rows"], "epochs": params.train.epochs,
+                     "removed": removed, "train_rows": summary["train_rows"], "epochs": params.train.epochs,
                      "seconds": summary["train_time_s"], "diagnosis": summary["diagnostics"]["learning_rate"]})
         print(rows[-1], flush=True)
 

@@ -62,21 +62,27 @@ def main() -> None:
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
-    from tasks.ingest import ingest, read_splits
-    from tasks.train import train, use_bf16
+    from pipeline.runner import run_stage
+    from pipeline.table import STAGES
+    from tasks.train import use_bf16
+    from tuneflow import artifacts
     from tuneflow.artifacts import read_json
-    from tuneflow.config import DataConfig, ModelConfig, TrainConfig
+    from tuneflow.config import ModelConfig, Params, TrainConfig
+    from tuneflow.data import read_splits
     from tuneflow.methods import METHODS, RunInfo
     from tuneflow.models import load_classifier, load_tokenizer
 
     peak_fp32, peak_bf16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16, seconds=2.0)
     work = Path(tempfile.mkdtemp(prefix="tuneflow-throughput-"))
-    data_dir = work / "data"
-    ingest(DataConfig(source=args.source, sample=args.sample), data_dir)
-    splits, labels = read_splits(data_dir), read_json(data_dir / "data_card.json")["labels"]
-    label_ids = {label: index for index, label in enumerate(labels)}
     model_cfg = ModelConfig()  # built-in MiniLM, max_length auto
     cfg = TrainConfig(method=args.method, epochs=args.epochs)
+    params = Params.model_validate({"artifacts": str(work), "data": {"source": args.source, "sample": args.sample},
+                                    "model": model_cfg.model_dump(), "train": cfg.model_dump()})
+    for stage in ("ingest", "validate"):
+        run_stage(STAGES[stage], params)
+    data_dir = work / artifacts.VALIDATION / artifacts.GATED_DATA  # the splits the train stage reads
+    splits, labels = read_splits(data_dir), read_json(data_dir / artifacts.DATA_CARD)["labels"]
+    label_ids = {label: index for index, label in enumerate(labels)}
     tokenizer = load_tokenizer(model_cfg)
     rows = []
 
@@ -106,8 +112,8 @@ def main() -> None:
 
     # --- tuneflow's train stage: its defaults, then the same without length grouping ------------------
     for name, variant in (("tuneflow defaults", cfg), ("tuneflow defaults, no length grouping", cfg.model_copy(update={"group_by_length": False}))):
-        summary = train(data_dir, model_cfg, variant, work / name / "model", work / name / "work").summary
-        accuracy, _ = merged_test_accuracy(work / name / "model", data_dir, model_cfg, summary)
+        summary = run_stage(STAGES["train"], params.model_copy(update={"train": variant})).summary
+        accuracy, _ = merged_test_accuracy(work / artifacts.MODEL, data_dir, model_cfg, summary)
         lengths = [len(ids) for ids in tokenizer(splits["train"]["text"].tolist(), truncation=True, max_length=summary["max_length"])["input_ids"]]
         bf16 = summary["bf16"]
         rows.append({"recipe": f"{name} (dynamic pad, max_length {summary['max_length']}, {'bf16' if bf16 else 'fp32'})",

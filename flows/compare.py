@@ -18,10 +18,11 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tuneflow import progress
+from pipeline.runner import run_stage
+from pipeline.table import STAGES
+from tuneflow import artifacts, progress
 from tuneflow.artifacts import Layout, read_json, write_json
 from tuneflow.config import Params, parse_set
-from tuneflow.stages import STAGES
 
 COLUMNS = [("method", "method"), ("learning_rate", "lr"), ("test_macro_f1", "macro-F1"), ("test_accuracy", "accuracy"),
            ("trainable_params", "trainable params"), ("train_time_s", "train time (s)"), ("peak_rss_mb", "peak RSS (MB)"),
@@ -31,7 +32,7 @@ COLUMNS = [("method", "method"), ("learning_rate", "lr"), ("test_macro_f1", "mac
 def method_layout(root: Path, shared: Layout, method: str) -> Layout:
     layout = Layout(root / method)
     layout.root.mkdir(parents=True, exist_ok=True)
-    for name in ("data", "validation"):
+    for name in (artifacts.DATA, artifacts.VALIDATION):
         link = layout.root / name
         if not link.is_symlink():
             link.symlink_to(os.path.relpath(shared.root / name, layout.root), target_is_directory=True)
@@ -45,7 +46,7 @@ def compare_one(method: str, params: Params, params_file: str, overrides: list[s
     layout = method_layout(root, shared, method)
     # each method at its own suggested learning rate (full fine-tuning diverges at LoRA's 1e-3), unless one is given
     learning_rate = params.train.learning_rate if "train.learning_rate" in parse_set(overrides) else METHODS[method].suggested_lr
-    command = [sys.executable, "-m", "tuneflow", "--params", params_file, "train",
+    command = [sys.executable, "-m", "cli", "--params", params_file, "train",
                *(arg for pair in overrides for arg in ("--set", pair)),
                "--set", f"artifacts={layout.root}", "--set", f"train.method={method}", "--set", f"train.learning_rate={learning_rate}"]
     progress.say(f"[tuneflow] compare: training {method}")
@@ -58,11 +59,12 @@ def compare_one(method: str, params: Params, params_file: str, overrides: list[s
     try:
         for stage in ("export", "evaluate"):
             with progress.stage(f"{stage} ({method})"):
-                STAGES[stage](method_params, layout)
+                run_stage(STAGES[stage], method_params)
     except Exception as error:  # one method failing export must not hide the others' numbers
         return {"method": method, "status": f"{type(error).__name__}: {error}"}
-    summary, metrics = read_json(layout.model / "train_summary.json"), read_json(layout.eval / "metrics.json")
-    parity = read_json(layout.export / "parity.json")
+    summary = read_json(layout.path(artifacts.MODEL) / artifacts.TRAIN_SUMMARY)
+    metrics = read_json(layout.path(artifacts.EVAL) / artifacts.METRICS)
+    parity = read_json(layout.path(artifacts.EXPORT) / artifacts.PARITY)
     return {
         "method": method,
         "learning_rate": learning_rate,
@@ -109,7 +111,7 @@ def log_to_mlflow(rows: list[dict[str, Any]], params: Params, out_dir: Path) -> 
     with mlflow.start_run(run_name="compare " + ",".join(row["method"] for row in rows)) as parent:
         mlflow.log_params({"data.source": params.data.source, "train.epochs": params.train.epochs,
                            "train.learning_rate": params.train.learning_rate, "model.base": params.model.base})
-        for name in ("comparison.md", "comparison.json"):
+        for name in (artifacts.COMPARISON_MD, artifacts.COMPARISON_JSON):
             mlflow.log_artifact(str(out_dir / name), artifact_path="comparison")
         for row in rows:
             with mlflow.start_run(run_name=row["method"], nested=True):
@@ -125,14 +127,14 @@ def compare(params: Params, methods: list[str], params_file: str = "params.yaml"
     shared = Layout(Path(params.artifacts))
     for stage in ("ingest", "validate"):
         with progress.stage(stage):
-            STAGES[stage](params, shared)
-    root = shared.root / "compare"
+            run_stage(STAGES[stage], params)
+    root = shared.root / artifacts.COMPARE
     rows = [compare_one.with_options(name=f"compare-{method}")(method, params, params_file, overrides or [], root, shared)
             for method in methods]
-    markdown = render(rows, read_json(shared.gated_data / "data_card.json"), params)
-    write_json(root / "comparison.json", {"methods": methods, "rows": rows})
-    (root / "comparison.md").write_text(markdown, encoding="utf-8")
+    markdown = render(rows, read_json(shared.gated_data / artifacts.DATA_CARD), params)
+    write_json(root / artifacts.COMPARISON_JSON, {"methods": methods, "rows": rows})
+    (root / artifacts.COMPARISON_MD).write_text(markdown, encoding="utf-8")
     run_id = log_to_mlflow(rows, params, root) if rows else None
     create_markdown_artifact(markdown=markdown, key="method-comparison", description=f"tuneflow compare (MLflow run {run_id})")
     print(markdown)
-    return root / "comparison.md"
+    return root / artifacts.COMPARISON_MD

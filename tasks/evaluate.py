@@ -1,6 +1,6 @@
 """Stage 5 — evaluate: the gate, measured on the ONNX artifact that ships.
 
-Writes artifacts/eval/metrics.json, verdict.json, report.md and plots/confusion_matrix.png.
+Writes into its output folder (artifacts/eval/) metrics.json, verdict.json, report.md and plots/confusion_matrix.png.
 """
 
 from __future__ import annotations
@@ -11,10 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from tasks.ingest import read_splits
-from tuneflow.artifacts import atomic_dir, read_json, write_json
+from tuneflow import artifacts
+from tuneflow.artifacts import read_json, write_json
+from tuneflow.checks import Check, at_least, at_most, gate_passed
 from tuneflow.config import EvaluateConfig
+from tuneflow.data import read_splits
 from tuneflow.onnx_runtime import OnnxClassifier
+from tuneflow.scoring import classification_metrics
 
 
 @dataclass(frozen=True)
@@ -22,21 +25,6 @@ class EvaluateResult:
     eval_dir: Path
     metrics: dict[str, Any]
     verdict: dict[str, Any]
-
-
-def classification_metrics(labels: list[str], truth: list[str], predicted: list[str]) -> dict[str, Any]:
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
-
-    precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=labels, zero_division=0)
-    return {
-        "accuracy": float(accuracy_score(truth, predicted)),
-        "macro_f1": float(f1_score(truth, predicted, labels=labels, average="macro", zero_division=0)),
-        "per_class": {
-            label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for label, p, r, f, s in zip(labels, precision, recall, f1, support)
-        },
-        "confusion_matrix": confusion_matrix(truth, predicted, labels=labels).tolist(),
-    }
 
 
 def evaluate(export_dir: Path, data_dir: Path, cfg: EvaluateConfig, out_dir: Path) -> EvaluateResult:
@@ -55,35 +43,22 @@ def evaluate(export_dir: Path, data_dir: Path, cfg: EvaluateConfig, out_dir: Pat
         "includes": "tokenization + ONNX Runtime session.run",
     }
     metrics["test_rows"] = len(texts)
-    metrics["artifact"] = "model.onnx"
-    parity = read_json(export_dir / "parity.json")
+    metrics["artifact"] = artifacts.ONNX_MODEL
+    parity = read_json(export_dir / artifacts.PARITY)
     checks = [
-        _at_least("accuracy", metrics["accuracy"], cfg.min_accuracy),
-        _at_least("macro_f1", metrics["macro_f1"], cfg.min_macro_f1),
-        _at_most("latency_p95_ms", metrics["latency_ms"]["p95"], cfg.max_latency_p95_ms),
-        {"name": "onnx_parity", "passed": bool(parity["passed"]), "value": parity["max_abs_logit_diff"],
-         "threshold": parity["thresholds"]["max_abs_logit_diff"],
-         "reason": f"ONNX vs PyTorch max |Δlogit| {parity['max_abs_logit_diff']:.2e}, argmax agreement {parity['argmax_agreement']:.4f}"},
+        at_least("accuracy", metrics["accuracy"], cfg.min_accuracy),
+        at_least("macro_f1", metrics["macro_f1"], cfg.min_macro_f1),
+        at_most("latency_p95_ms", metrics["latency_ms"]["p95"], cfg.max_latency_p95_ms),
+        Check("onnx_parity", bool(parity["passed"]), parity["max_abs_logit_diff"], parity["thresholds"]["max_abs_logit_diff"],
+              f"ONNX vs PyTorch max |Δlogit| {parity['max_abs_logit_diff']:.2e}, argmax agreement {parity['argmax_agreement']:.4f}"),
     ]
-    verdict = {"passed": all(check["passed"] for check in checks), "checks": checks}
-    with atomic_dir(out_dir) as staging:
-        write_json(staging / "metrics.json", metrics)
-        write_json(staging / "verdict.json", verdict)
-        plot_confusion(metrics["confusion_matrix"], model.labels, staging / "plots" / "confusion_matrix.png")
-        (staging / "report.md").write_text(render_markdown(metrics, verdict), encoding="utf-8")
+    verdict = {"passed": gate_passed(checks), "checks": [check.as_dict() for check in checks]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / artifacts.METRICS, metrics)
+    write_json(out_dir / artifacts.VERDICT, verdict)
+    plot_confusion(metrics["confusion_matrix"], model.labels, out_dir / artifacts.CONFUSION_MATRIX)
+    (out_dir / artifacts.REPORT).write_text(render_markdown(metrics, verdict), encoding="utf-8")
     return EvaluateResult(out_dir, metrics, verdict)
-
-
-def _at_least(name: str, value: float, threshold: float) -> dict[str, Any]:
-    passed = value >= threshold
-    return {"name": name, "passed": passed, "value": value, "threshold": threshold,
-            "reason": f"{name} {value:.4f} {'≥' if passed else '<'} minimum {threshold}"}
-
-
-def _at_most(name: str, value: float, threshold: float) -> dict[str, Any]:
-    passed = value <= threshold
-    return {"name": name, "passed": passed, "value": value, "threshold": threshold,
-            "reason": f"{name} {value:.2f} {'≤' if passed else '>'} maximum {threshold}"}
 
 
 def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path) -> None:

@@ -1,7 +1,8 @@
 """Stage 4 — export: fold the trained weights into a plain model, export ONNX (dynamo), prove parity.
 
-Writes artifacts/export/model.onnx, assets/ (tokenizer, serving.json) and parity.json. A parity
-failure raises after writing parity.json, so the run stops before evaluation and promotion.
+Writes into its output folder (artifacts/export/) model.onnx, assets/ (tokenizer, serving.json), parity.json
+and report.md. A parity failure is raised once they are published, so the run stops before evaluation and
+promotion with the evidence kept.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from tasks.ingest import read_splits
-from tuneflow.artifacts import atomic_dir, read_json, write_json
+from tuneflow import artifacts
+from tuneflow.artifacts import read_json, write_json
 from tuneflow.config import ExportConfig, ModelConfig
+from tuneflow.data import read_splits
 from tuneflow.errors import StageFailed
 from tuneflow.methods import METHODS
 from tuneflow.models import load_classifier
@@ -28,44 +30,51 @@ class ExportResult:
     export_dir: Path
     parity: dict[str, Any]
 
+    def failure(self, published: Path) -> StageFailed | None:
+        """Raised by the stage runner once the export and its parity record are published in `published`."""
+        if self.parity["passed"]:
+            return None
+        thresholds = self.parity["thresholds"]
+        return StageFailed(
+            f"{published / artifacts.PARITY}: ONNX parity failed (max |Δlogit| {self.parity['max_abs_logit_diff']:.2e} "
+            f"> {thresholds['max_abs_logit_diff']} or argmax agreement {self.parity['argmax_agreement']:.4f} "
+            f"< {thresholds['min_argmax_agreement']})")
+
 
 def export(model_dir: Path, data_dir: Path, model_cfg: ModelConfig, cfg: ExportConfig, out_dir: Path) -> ExportResult:
-    summary = read_json(model_dir / "train_summary.json")
+    summary = read_json(model_dir / artifacts.TRAIN_SUMMARY)
     labels = summary["labels"]
     base_cfg = model_cfg.model_copy(update={"base": summary["base_model"]})
     # merged weights where the method can merge; otherwise base + trained add-on, exported as one graph
-    merged = METHODS[summary["method"]].load_merged(model_dir, lambda **kwargs: load_classifier(base_cfg, labels, **kwargs), summary).eval()
+    merged = METHODS[summary["method"]].load_merged(model_dir, lambda **kwargs: load_classifier(base_cfg, labels, **kwargs),
+                                                   summary["export_record"]).eval()
     logits_only = LogitsOnly(merged).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     example = tokenizer(["a short example", "a second and somewhat longer example text"], padding=True, return_tensors="pt")
     batch, sequence = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=2, max=summary["max_length"])
     test_texts = read_splits(data_dir)["test"]["text"].tolist()
 
-    with atomic_dir(out_dir) as staging:
-        with torch.no_grad():
-            program = torch.onnx.export(
-                logits_only,
-                (example["input_ids"], example["attention_mask"]),
-                dynamo=True,
-                input_names=INPUT_NAMES,
-                output_names=["logits"],
-                dynamic_shapes={"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}},
-                opset_version=cfg.opset,
-                verbose=False,
-            )
-        program.save(str(staging / "model.onnx"))
-        assets = staging / "assets"
-        tokenizer.save_pretrained(assets)
-        write_json(assets / "serving.json", {"labels": labels, "max_length": summary["max_length"],
-                                              "inputs": INPUT_NAMES, "output": "logits", "method": summary["method"],
-                                              "method_export": summary.get("export", "merged")})
-        parity = check_parity(logits_only, OnnxClassifier.from_export(staging), test_texts, cfg)
-        write_json(staging / "parity.json", parity)
-    if not parity["passed"]:
-        raise StageFailed(
-            f"{out_dir / 'parity.json'}: ONNX parity failed (max |Δlogit| {parity['max_abs_logit_diff']:.2e} "
-            f"> {cfg.max_abs_logit_diff} or argmax agreement {parity['argmax_agreement']:.4f} < {cfg.min_argmax_agreement})"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            logits_only,
+            (example["input_ids"], example["attention_mask"]),
+            dynamo=True,
+            input_names=INPUT_NAMES,
+            output_names=["logits"],
+            dynamic_shapes={"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}},
+            opset_version=cfg.opset,
+            verbose=False,
         )
+    program.save(str(out_dir / artifacts.ONNX_MODEL))
+    assets = out_dir / artifacts.ASSETS
+    tokenizer.save_pretrained(assets)
+    write_json(assets / artifacts.SERVING, {"labels": labels, "max_length": summary["max_length"],
+                                            "inputs": INPUT_NAMES, "output": "logits", "method": summary["method"],
+                                            "method_export": summary["export"]})
+    parity = check_parity(logits_only, OnnxClassifier.from_export(out_dir), test_texts, cfg)
+    write_json(out_dir / artifacts.PARITY, parity)
+    (out_dir / artifacts.REPORT).write_text(render_report(summary, parity), encoding="utf-8")
     return ExportResult(out_dir, parity)
 
 
@@ -98,3 +107,17 @@ class LogitsOnly(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def render_report(summary: dict[str, Any], parity: dict[str, Any]) -> str:
+    thresholds = parity["thresholds"]
+    return "\n".join([
+        f"# Export: {'PASSED' if parity['passed'] else 'FAILED'} ONNX parity",
+        "",
+        f"`{artifacts.ONNX_MODEL}` from {summary['method']} on {summary['base_model']} ({summary['export']} export, "
+        f"dynamic batch and sequence up to {summary['max_length']} tokens).",
+        "",
+        "| check | value | threshold |", "|---|---|---|",
+        f"| max abs logit difference, ONNX Runtime vs PyTorch | {parity['max_abs_logit_diff']:.2e} | ≤ {thresholds['max_abs_logit_diff']} |",
+        f"| argmax agreement on {parity['texts']} test texts | {parity['argmax_agreement']:.4f} | ≥ {thresholds['min_argmax_agreement']} |",
+    ]) + "\n"

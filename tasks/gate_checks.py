@@ -10,31 +10,20 @@ import multiprocessing
 import os
 import zlib
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import combinations, repeat
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from datasketch import MinHash
 
-from tasks.ingest import SPLITS
+from tuneflow.checks import Check
 from tuneflow.config import ValidationConfig
+from tuneflow.data import SPLITS
 from tuneflow.text import fold, stable_hash
 
 PARALLEL_FROM = 20_000  # texts; below, a worker pool costs more than it saves
-Severity = Literal["error", "warning", "info"]
-
-
-@dataclass
-class Check:
-    name: str
-    passed: bool
-    severity: Severity
-    value: Any
-    threshold: Any
-    evidence: list[Any] = field(default_factory=list)
-    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -114,8 +103,9 @@ def gx_checks(splits: dict[str, pd.DataFrame], rows: pd.DataFrame, labels: list[
             counts[check_name] += item.get("unexpected_count", 1)
     counts["min_rows_per_split"] = min(len(frame) for frame in splits.values())
     return [
-        Check(check_name, not findings[check_name], "error", counts[check_name], _gx_threshold(check_name, cfg),
-              findings[check_name][: cfg.evidence_rows], f"GX: {message}" + (f" ({counts[check_name]} unexpected)" if findings[check_name] else ""))
+        Check(check_name, not findings[check_name], counts[check_name], _gx_threshold(check_name, cfg),
+              f"GX: {message}" + (f" ({counts[check_name]} unexpected)" if findings[check_name] else ""),
+              evidence=findings[check_name][: cfg.evidence_rows])
         for check_name, message in dict(GX_CHECKS.values()).items()
     ]
 
@@ -163,9 +153,9 @@ def label_conflicts(rows: pd.DataFrame, cfg: ValidationConfig) -> Check:
     conflicting = labelled.groupby("key")["label"].nunique()
     conflicting = conflicting[conflicting > 1].index
     groups = [group for _, group in labelled[labelled["key"].isin(conflicting)].groupby("key", sort=False)]
-    return Check("label_conflicts", not groups, "error", len(groups), 0,
-                 [_places(group) for group in groups[: cfg.evidence_rows]],
-                 f"{len(groups)} normalised texts carry more than one label")
+    return Check("label_conflicts", not groups, len(groups), 0,
+              f"{len(groups)} normalised texts carry more than one label",
+              evidence=[_places(group) for group in groups[: cfg.evidence_rows]])
 
 
 def class_balance(rows: pd.DataFrame, cfg: ValidationConfig) -> list[Check]:
@@ -175,12 +165,15 @@ def class_balance(rows: pd.DataFrame, cfg: ValidationConfig) -> list[Check]:
     rare = {label: count for label, count in per_class.items() if count < cfg.min_class_rows}
     total = int(len(rows))
     return [
-        Check("class_ratio", ratio <= cfg.max_class_ratio, "error", ratio, cfg.max_class_ratio, [per_class],
-              f"largest/smallest class in train is {ratio:g} (max {cfg.max_class_ratio:g})"),
-        Check("min_class_rows", not rare, "error", min(per_class.values(), default=0), cfg.min_class_rows, [rare] if rare else [],
-              f"every class has at least {cfg.min_class_rows} rows in train"),
-        Check("min_total_rows", total >= cfg.min_total_rows, "warning", total, cfg.min_total_rows, [],
-              f"{total} rows in all splits (warning below {cfg.min_total_rows})"),
+        Check("class_ratio", ratio <= cfg.max_class_ratio, ratio, cfg.max_class_ratio,
+              f"largest/smallest class in train is {ratio:g} (max {cfg.max_class_ratio:g})",
+              evidence=[per_class]),
+        Check("min_class_rows", not rare, min(per_class.values(), default=0), cfg.min_class_rows,
+              f"every class has at least {cfg.min_class_rows} rows in train",
+              evidence=[rare] if rare else []),
+        Check("min_total_rows", total >= cfg.min_total_rows, total, cfg.min_total_rows,
+              f"{total} rows in all splits (warning below {cfg.min_total_rows})",
+              severity="warning"),
     ]
 
 
@@ -197,12 +190,13 @@ def exact_duplicates(rows: pd.DataFrame, cfg: ValidationConfig) -> list[Check]:
     within = repeated[repeated.duplicated(["key", "split"], keep=False)]
     within_groups = [group for _, group in within.groupby(["key", "split"], sort=False)]
     return [
-        Check("exact_leakage", not leak_groups, "error", len(leak_groups), 0, [_places(g) for g in leak_groups[: cfg.evidence_rows]],
+        Check("exact_leakage", not leak_groups, len(leak_groups), 0,
               f"{len(leak_groups)} of {all_groups} groups of identical normalised texts span splits "
-              f"({leaked_rows} rows beyond their first split)"),
-        Check("duplicates_within_split", not within_groups, "warning", len(within_groups), 0,
-              [_places(g) for g in within_groups[: cfg.evidence_rows]],
-              f"{len(within_groups)} normalised texts repeat inside one split (they weigh double in training/metrics)"),
+              f"({leaked_rows} rows beyond their first split)",
+              evidence=[_places(g) for g in leak_groups[: cfg.evidence_rows]]),
+        Check("duplicates_within_split", not within_groups, len(within_groups), 0,
+              f"{len(within_groups)} normalised texts repeat inside one split (they weigh double in training/metrics)",
+              severity="warning", evidence=[_places(g) for g in within_groups[: cfg.evidence_rows]]),
     ]
 
 
@@ -286,15 +280,15 @@ def near_duplicate_checks(rows: pd.DataFrame, pairs: list[Pair], cfg: Validation
     within = [pair for pair in pairs if pair.a[0] == pair.b[0]]
     rule = f"character {cfg.shingle_chars}-gram Jaccard ≥ {cfg.near_dup_jaccard:g}"
     return [
-        Check("near_dup_leakage", len(across) <= cfg.max_near_dup_leak, "error", len(across), cfg.max_near_dup_leak,
-              [_pair(indexed, pair) for pair in across[: cfg.evidence_rows]],
-              f"{len(across)} near-duplicate pairs across splits ({rule})"),
-        Check("near_dup_label_conflicts", not conflicting, "warning", len(conflicting), 0,
-              [_pair(indexed, pair) for pair in conflicting[: cfg.evidence_rows]],
-              f"{len(conflicting)} near-duplicate pairs carry different labels ({rule})"),
-        Check("near_dup_within_split", not within, "info", len(within), 0,
-              [_pair(indexed, pair) for pair in within[: cfg.evidence_rows]],
-              f"{len(within)} near-duplicate pairs inside one split ({rule})"),
+        Check("near_dup_leakage", len(across) <= cfg.max_near_dup_leak, len(across), cfg.max_near_dup_leak,
+              f"{len(across)} near-duplicate pairs across splits ({rule})",
+              evidence=[_pair(indexed, pair) for pair in across[: cfg.evidence_rows]]),
+        Check("near_dup_label_conflicts", not conflicting, len(conflicting), 0,
+              f"{len(conflicting)} near-duplicate pairs carry different labels ({rule})",
+              severity="warning", evidence=[_pair(indexed, pair) for pair in conflicting[: cfg.evidence_rows]]),
+        Check("near_dup_within_split", not within, len(within), 0,
+              f"{len(within)} near-duplicate pairs inside one split ({rule})",
+              severity="info", evidence=[_pair(indexed, pair) for pair in within[: cfg.evidence_rows]]),
     ]
 
 

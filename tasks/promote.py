@@ -1,8 +1,12 @@
 """Stage 6 — promote: register the ONNX model, alias it `challenger`, move `champion` only if it earned it.
 
-The candidate becomes champion when the evaluation verdict passed and its test macro-F1 is not below
+A candidate whose ONNX file is byte for byte the current champion's (a re-run with nothing changed) is
+not registered again: the decision says it already is the champion.
+Otherwise the candidate becomes champion when the evaluation verdict passed and its test macro-F1 is not below
 the current champion's — re-scored on this run's test split, so the comparison is paired — by more
-than `promote.max_f1_drop`. Writes artifacts/promotion/decision.json.
+than `promote.max_f1_drop`. A `dvc exp run` registers a challenger only, unless
+`promote.champion_from_experiments` is set. Writes decision.json and report.md into its output folder
+(artifacts/promotion/).
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.evaluate import classification_metrics
-from tasks.ingest import read_splits
-from tuneflow.artifacts import Layout, atomic_dir, read_json, write_json
+from tuneflow import artifacts
+from tuneflow.artifacts import content_hash, read_json, write_json
 from tuneflow.config import Params
+from tuneflow.data import read_splits
 from tuneflow.onnx_runtime import OnnxClassifier
-from tuneflow.registry import CHALLENGER, CHAMPION, Registry, temporary_dir
+from tuneflow.registry import CHALLENGER, CHAMPION, Registry, Version, redact, temporary_dir
+from tuneflow.scoring import classification_metrics
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,7 @@ class PromoteResult:
 
 def decide(verdict: dict[str, Any], candidate_f1: float, champion: ChampionScore | None, max_f1_drop: float) -> tuple[bool, list[str]]:
     """Pure promotion rule: the verdict must pass, then non-inferiority against the champion."""
-    reasons = [check["reason"] for check in verdict["checks"] if not check["passed"]]
+    reasons = [check["reason"] for check in verdict["checks"] if not check["passed"] and check["gating"]]
     if reasons:
         return False, ["evaluation gate failed: " + "; ".join(reasons)]
     if champion is None:
@@ -49,8 +54,7 @@ def decide(verdict: dict[str, Any], candidate_f1: float, champion: ChampionScore
     return True, [f"gate passed and not worse than champion: {comparison}"]
 
 
-def score_champion(registry: Registry, name: str, labels: list[str], texts: list[str], truth: list[str]) -> ChampionScore | None:
-    current = registry.by_alias(name, CHAMPION)
+def score_champion(registry: Registry, current: Version | None, labels: list[str], texts: list[str], truth: list[str]) -> ChampionScore | None:
     if current is None:
         return None
     with temporary_dir() as scratch:
@@ -64,18 +68,28 @@ def score_champion(registry: Registry, name: str, labels: list[str], texts: list
     return ChampionScore(current.version, score, "re-scored on this run's test split")
 
 
-def promote(layout: Layout, params: Params, out_dir: Path, pipeline: str = "default", registry: Registry | None = None) -> PromoteResult:
+def promote(params: Params, validation_dir: Path, model_dir: Path, export_dir: Path, eval_dir: Path, out_dir: Path,
+            run_name: str = "params.yaml", experiment: str | None = None, registry: Registry | None = None) -> PromoteResult:
     registry = registry or Registry()
     name = params.promote.model_name
-    verdict = read_json(layout.eval / "verdict.json")
-    metrics = read_json(layout.eval / "metrics.json")
-    summary = read_json(layout.model / "train_summary.json")
-    card = read_json(layout.gated_data / "data_card.json")
-    parity = read_json(layout.export / "parity.json")
-    test = read_splits(layout.gated_data)["test"]
+    gated_data = validation_dir / artifacts.GATED_DATA
+    verdict = read_json(eval_dir / artifacts.VERDICT)
+    metrics = read_json(eval_dir / artifacts.METRICS)
+    summary = read_json(model_dir / artifacts.TRAIN_SUMMARY)
+    card = read_json(gated_data / artifacts.DATA_CARD)
+    parity = read_json(export_dir / artifacts.PARITY)
+    test = read_splits(gated_data)["test"]
+    onnx_sha256 = content_hash(export_dir / artifacts.ONNX_MODEL)
+    current = registry.by_alias(name, CHAMPION)
+    if verdict["passed"] and current is not None and current.tags.get("onnx_sha256") == onnx_sha256:
+        return finish(out_dir, already_champion(current, metrics["macro_f1"], onnx_sha256, registry))
 
-    champion = score_champion(registry, name, summary["labels"], test["text"].tolist(), test["label"].tolist())
+    champion = score_champion(registry, current, summary["labels"], test["text"].tolist(), test["label"].tolist())
     promoted, reasons = decide(verdict, metrics["macro_f1"], champion, params.promote.max_f1_drop)
+    if experiment is not None and not params.promote.champion_from_experiments:
+        reasons = [f"DVC experiment {experiment}: registered as challenger only (@champion moves from an experiment "
+                   f"only with promote.champion_from_experiments=true)"] + reasons
+        promoted = False
 
     tags = {
         "data_hash": card["data_hash"],
@@ -83,20 +97,24 @@ def promote(layout: Layout, params: Params, out_dir: Path, pipeline: str = "defa
         "method": summary["method"],
         "base_model": summary["base_model"],
         "params_hash": params.section_hash(),
-        "pipeline": pipeline,
+        "pipeline": run_name,
         "verdict": "passed" if verdict["passed"] else "failed",
         "test_macro_f1": f"{metrics['macro_f1']:.6f}",
+        "onnx_sha256": onnx_sha256,
+        **({"experiment": experiment} if experiment else {}),
     }
     version, run_id = registry.log_candidate(
         model_name=name,
-        onnx_path=layout.export / "model.onnx",
-        extra_files=sorted(path for path in (layout.export / "assets").iterdir() if path.is_file()),
-        params=flatten(params.model_dump(mode="json")) | {"pipeline": pipeline},
+        onnx_path=export_dir / artifacts.ONNX_MODEL,
+        extra_files=sorted(path for path in (export_dir / artifacts.ASSETS).iterdir() if path.is_file()),
+        params=flatten(params.model_dump(mode="json")) | {"pipeline": run_name},
         metrics=run_metrics(metrics, summary, parity, card),
         step_metrics=[(f"train_{key}" if not key.startswith("eval_") else key, entry[key], entry.get("step", 0))
                       for entry in summary["log_history"] for key in ("loss", "eval_loss", "eval_macro_f1", "grad_norm", "learning_rate") if key in entry],
-        artifacts=[layout.gated_data / "data_card.json", *(layout.validation / name for name in ("report.json", "report.md", "fix_diff.json")), layout.model / "train_summary.json", layout.export / "parity.json", layout.eval]
-                  + [path for path in (layout.model / "loss_curves.png", layout.model / "train_report.md") if path.exists()],
+        artifacts=[gated_data / artifacts.DATA_CARD, *(validation_dir / file for file in (artifacts.GATE_REPORT, artifacts.REPORT, artifacts.FIX_DIFF)),
+                   model_dir / artifacts.TRAIN_SUMMARY, model_dir / artifacts.LOSS_CURVES, model_dir / artifacts.REPORT,
+                   export_dir / artifacts.PARITY, eval_dir],
+        resolved_params=params.model_dump(mode="json"),
         tags=tags,
     )
     registry.set_alias(version, CHALLENGER)
@@ -112,12 +130,40 @@ def promote(layout: Layout, params: Params, out_dir: Path, pipeline: str = "defa
         "candidate_macro_f1": metrics["macro_f1"],
         "champion_macro_f1": champion.macro_f1 if champion else None,
         "run_id": run_id,
-        "tracking_uri": registry.uri,
+        "tracking_uri": redact(registry.uri),
         "tags": tags,
     }
-    with atomic_dir(out_dir) as staging:
-        write_json(staging / "decision.json", decision)
+    return finish(out_dir, decision)
+
+
+def already_champion(current: Version, macro_f1: float, onnx_sha256: str, registry: Registry) -> dict[str, Any]:
+    return {
+        "promoted": False,
+        "model_name": current.name,
+        "version": current.version,
+        "alias": CHAMPION,
+        "previous_champion": current.version,
+        "reasons": [f"unchanged: this ONNX model (sha256 {onnx_sha256[:12]}) already is champion v{current.version}; nothing registered"],
+        "candidate_macro_f1": macro_f1,
+        "champion_macro_f1": macro_f1,  # the same model on the same test split
+        "run_id": current.run_id,
+        "tracking_uri": redact(registry.uri),
+        "tags": current.tags,
+    }
+
+
+def finish(out_dir: Path, decision: dict[str, Any]) -> PromoteResult:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / artifacts.DECISION, decision)
+    (out_dir / artifacts.REPORT).write_text(render_report(decision), encoding="utf-8")
     return PromoteResult(decision)
+
+
+def render_report(decision: dict[str, Any]) -> str:
+    reasons = "\n".join(f"- {reason}" for reason in decision["reasons"])
+    return (f"# Promotion: {'PROMOTED' if decision['promoted'] else 'NOT PROMOTED'}\n\n"
+            f"`{decision['model_name']}` v{decision['version']} → @{decision['alias']} "
+            f"(previous champion: {decision['previous_champion'] or 'none'})\n\n{reasons}\n")
 
 
 def run_metrics(metrics: dict[str, Any], summary: dict[str, Any], parity: dict[str, Any], card: dict[str, Any]) -> dict[str, float]:

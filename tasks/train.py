@@ -1,7 +1,7 @@
 """Stage 3 — train: HF Trainer over the method table, dynamic padding, early stopping on validation.
 
-Writes artifacts/model/ (the method's weights, tokenizer), train_summary.json, train_report.md and
-loss_curves.png. Checkpoints go to <work>/checkpoints/<run key>/, where the run key hashes the model and
+Writes into its output folder (artifacts/model/) the method's weights, the tokenizer, train_summary.json,
+report.md and loss_curves.png. Checkpoints go to <work>/checkpoints/<run key>/, where the run key hashes the model and
 train config and the data; re-running the same command after an interruption resumes from the last one.
 """
 
@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from tasks.ingest import read_splits
-from tuneflow import progress
-from tuneflow.artifacts import atomic_dir, read_json, write_json
+from tuneflow import artifacts, progress
+from tuneflow.artifacts import read_json, write_json
 from tuneflow.config import ModelConfig, TrainConfig
-from tuneflow.errors import InputError, StageFailed
-from tuneflow.methods import METHODS, RunInfo
+from tuneflow.data import read_splits
+from tuneflow.errors import DataGateFailed, InputError, StageFailed
+from tuneflow.methods import METHODS, Method, RunInfo
 from tuneflow.models import load_classifier, load_tokenizer, resolve_base
 
 MAX_LENGTH_MULTIPLE = 8
@@ -36,6 +36,7 @@ MAX_LENGTH_MULTIPLE = 8
 class TrainResult:
     model_dir: Path
     summary: dict[str, Any]
+    publish: bool = True  # False on the non-main ranks of a distributed run: rank 0 publishes the model
 
 
 def cpu_supports_bf16() -> bool:
@@ -116,60 +117,151 @@ def weight_files_ok(model_dir: Path) -> dict[str, int]:
     return sizes
 
 
-def train(data_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path, work_dir: Path) -> TrainResult:
-    """Fine-tune `model_cfg.base` with `cfg.method` on the train split; keep the best validation epoch."""
+def require_gate_passed(gate_report: Path, gated_data: Path, ingest_card: Path) -> None:
+    """Fail closed: no training on data the gate has not passed (or on data changed since)."""
+    if not gate_report.exists():
+        raise InputError(f"{gate_report}: missing; run `tuneflow validate` before training")
+    report = read_json(gate_report)
+    if not report["passed"]:
+        raise DataGateFailed(f"{gate_report.with_name(artifacts.REPORT)}: the data gate failed for this data; training refused")
+    gated_card = gated_data / artifacts.DATA_CARD
+    if not gated_card.exists():
+        raise InputError(f"{gated_card}: missing; run `tuneflow validate` before training")
+    gated_hash = read_json(gated_card)["data_hash"]
+    current = read_json(ingest_card)["data_hash"] if ingest_card.exists() else None
+    if report["data_hash"] != gated_hash:
+        raise InputError(f"{gate_report}: validated data {report['data_hash'][:12]} is not the gated data {gated_hash[:12]}; run `tuneflow validate`")
+    if current is not None and report.get("source_data_hash") != current:
+        raise InputError(f"{gate_report}: validated data is not the current ingest data {current[:12]}; run `tuneflow validate`")
+
+
+def train(gated_data: Path, gate_report: Path, ingest_card: Path, model_cfg: ModelConfig, cfg: TrainConfig,
+          out_dir: Path, work_dir: Path) -> TrainResult:
+    """Fine-tune `model_cfg.base` with `cfg.method` on the train split; keep the best validation epoch.
+
+    The steps: check the gate, encode the splits, build the model, resume or start, train, summarise."""
     import torch
-    from sklearn.metrics import accuracy_score, f1_score
-    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+    from transformers import set_seed
 
     from tuneflow import distributed
-    from tuneflow.training import (AdaLoraBudget, CheckpointCadence, GradualUnfreezing, balanced_class_weights, diagnose,
-                                   layerwise_param_groups, plot_curves, unfreezing_groups, weighted_loss)
 
+    require_gate_passed(gate_report, gated_data, ingest_card)
     if cfg.distributed != "none" and not distributed.launched():
         raise InputError(f"train.distributed={cfg.distributed} needs a launcher: {distributed.launch_command(cfg.distributed)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     method = METHODS[cfg.method]
-    splits = read_splits(data_dir)
-    card = read_json(data_dir / "data_card.json")
+    card = read_json(gated_data / artifacts.DATA_CARD)
     labels = card["labels"]
-    label_ids = {label: index for index, label in enumerate(labels)}
     tokenizer = load_tokenizer(model_cfg)
+    splits = read_splits(gated_data)
 
-    limit = position_limit(model_cfg, tokenizer) - method.virtual_tokens(cfg)
-    if isinstance(model_cfg.max_length, int):
-        max_length, max_length_source = model_cfg.max_length, "model.max_length"
-        if not method.virtual_tokens(cfg) and max_length > limit:  # prompt methods explain their own limit below
-            raise InputError(f"model.max_length {max_length} exceeds {model_cfg.base}'s limit of {limit} tokens")
-    else:
-        lengths = [len(ids) for ids in tokenizer(splits["train"]["text"].tolist(), truncation=False)["input_ids"]]
-        max_length = choose_max_length(lengths, model_cfg.max_length_percentile, limit)
-        max_length_source = f"P{model_cfg.max_length_percentile:g} of {len(lengths)} training texts' token lengths (limit {limit})"
-        progress.say(f"[tuneflow] max_length {max_length}: {max_length_source}")
-
-    def encode(frame) -> list[dict[str, Any]]:
-        """One dict of token ids per row. A plain list, not a `datasets.Dataset`: its fingerprinting runs dill, whose
-        bytecode dumps end up in Prefect's task logs (log_prints)."""
-        encoded = tokenizer(frame["text"].tolist(), truncation=True, max_length=max_length)
-        return [{**{key: values[row] for key, values in encoded.items()}, "labels": label}
-                for row, label in enumerate(frame["label"].map(label_ids))]
-
-    train_set, validation_set = encode(splits["train"]), encode(splits["validation"])
+    max_length, max_length_source = pick_max_length(model_cfg, cfg, method, tokenizer, splits["train"]["text"].tolist())
+    label_ids = {label: index for index, label in enumerate(labels)}
+    train_set = encode(tokenizer, splits["train"], label_ids, max_length)
+    validation_set = encode(tokenizer, splits["validation"], label_ids, max_length)
     world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / (cfg.batch_size * world)) / cfg.gradient_accumulation_steps)
     total_steps = math.ceil(steps_per_epoch * cfg.epochs)
     bf16 = use_bf16(cfg.bf16)
-    model = method.wrap(lambda **kwargs: load_classifier(model_cfg, labels, **kwargs), cfg, RunInfo(total_steps, bf16))
+    model = build_model(method, model_cfg, cfg, labels, RunInfo(total_steps, bf16), max_length)
+
+    key = run_key(model_cfg, cfg, card["data_hash"])
+    run_dir, resume = checkpoint_to_resume(work_dir / "checkpoints", key, method)
+    trainer = build_trainer(model, method, cfg, tokenizer, train_set, validation_set, labels, run_dir, total_steps, bf16)
+    resumed = read_json(resume / "trainer_state.json") if resume else {"global_step": None, "epoch": 0}
+    if resume is not None:
+        progress.say(f"[tuneflow] resuming from checkpoint {resume} (step {resumed['global_step']} of {total_steps})")
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train_seconds = time.perf_counter() - started
+    final = run_dir / "final"
+    if method.save is None:
+        trainer.save_model(str(final))  # on every rank: ZeRO-3 gathers the shards here
+    elif trainer.is_world_process_zero():
+        method.save(trainer.model, final)
+    if not trainer.is_world_process_zero():
+        return TrainResult(out_dir, {}, publish=False)
+
+    summary = summarise(trainer, method, model_cfg, cfg, labels, final, key, resumed) | {
+        "max_length": max_length, "max_length_source": max_length_source, "train_time_s": round(train_seconds, 2),
+        "train_samples_per_s": round(len(train_set) * (trainer.state.epoch - resumed["epoch"]) / train_seconds, 2),
+        "planned_optimizer_steps": total_steps, "bf16": bf16, "world_size": world,
+        "train_rows": len(train_set), "validation_rows": len(validation_set)}
+    for warning in summary["diagnostics"]["warnings"]:
+        progress.say(f"[tuneflow] warning: {warning}")
+    from tuneflow.training import plot_curves
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in final.iterdir():
+        shutil.copy2(path, out_dir / path.name)
+    tokenizer.save_pretrained(out_dir)
+    plot_curves(summary["log_history"], out_dir / artifacts.LOSS_CURVES)
+    (out_dir / artifacts.REPORT).write_text(render_report(summary), encoding="utf-8")
+    write_json(out_dir / artifacts.TRAIN_SUMMARY, summary)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return TrainResult(out_dir, summary)
+
+
+def pick_max_length(model_cfg: ModelConfig, cfg: TrainConfig, method: Method, tokenizer, texts: list[str]) -> tuple[int, str]:
+    """`model.max_length`, or the chosen percentile of the training texts' token lengths; within the model's positions."""
+    virtual = method.virtual_tokens(cfg)
+    limit = position_limit(model_cfg, tokenizer) - virtual
+    if isinstance(model_cfg.max_length, int):
+        if not virtual and model_cfg.max_length > limit:  # prompt methods explain their own limit (export_blocker)
+            raise InputError(f"model.max_length {model_cfg.max_length} exceeds {model_cfg.base}'s limit of {limit} tokens")
+        return model_cfg.max_length, "model.max_length"
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
+    max_length = choose_max_length(lengths, model_cfg.max_length_percentile, limit)
+    source = f"P{model_cfg.max_length_percentile:g} of {len(lengths)} training texts' token lengths (limit {limit})"
+    progress.say(f"[tuneflow] max_length {max_length}: {source}")
+    return max_length, source
+
+
+def encode(tokenizer, frame, label_ids: dict[str, int], max_length: int) -> list[dict[str, Any]]:
+    """One dict of token ids per row. A plain list, not a `datasets.Dataset`: its fingerprinting runs dill, whose
+    bytecode dumps end up in Prefect's task logs (log_prints)."""
+    encoded = tokenizer(frame["text"].tolist(), truncation=True, max_length=max_length)
+    return [{**{key: values[row] for key, values in encoded.items()}, "labels": label}
+            for row, label in enumerate(frame["label"].map(label_ids))]
+
+
+def build_model(method: Method, model_cfg: ModelConfig, cfg: TrainConfig, labels: list[str], run: RunInfo, max_length: int):
+    model = method.wrap(lambda **kwargs: load_classifier(model_cfg, labels, **kwargs), cfg, run)
     blocker = method.export_blocker(model, cfg, max_length)
     if blocker:
         raise InputError(f"train.method={cfg.method}: the trained model could not be exported: {blocker}")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    return model
+
+
+def checkpoint_to_resume(checkpoints_root: Path, key: str, method: Method) -> tuple[Path, Path | None]:
+    """This run's checkpoint folder and its last complete checkpoint; other runs' checkpoints are removed."""
+    run_dir = checkpoints_root / key
+    for stale in checkpoints_root.glob("*"):
+        if stale != run_dir:
+            shutil.rmtree(stale, ignore_errors=True)
+    resume = last_complete_checkpoint(run_dir) if run_dir.exists() else None
+    if resume is not None and not method.reload_checkpoints:
+        progress.say(f"[tuneflow] train.method={method.name} cannot resume from a checkpoint; starting over")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        resume = None
+    return run_dir, resume
+
+
+def build_trainer(model, method: Method, cfg: TrainConfig, tokenizer, train_set, validation_set, labels: list[str],
+                  run_dir: Path, total_steps: int, bf16: bool):
+    """The HF Trainer with the method's callbacks and the training practices the config switches on."""
+    import torch
+    from sklearn.metrics import accuracy_score, f1_score
+    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments
+
+    from tuneflow import distributed
+    from tuneflow.training import (CheckpointCadence, GradualUnfreezing, balanced_class_weights, layerwise_param_groups,
+                                   unfreezing_groups, weighted_loss)
 
     callbacks: list[Any] = [EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience),
-                            CheckpointCadence(cfg.save_every_s, cfg.save_steps)]
+                            CheckpointCadence(cfg.save_every_s, cfg.save_steps), *method.callbacks()]
     optimizer = None
     if cfg.layerwise_lr_decay < 1.0 or cfg.gradual_unfreezing:
         # built over every parameter that will train, frozen ones included: the Trainer's own optimizer
@@ -178,8 +270,6 @@ def train(data_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Pat
                                       lr=cfg.learning_rate)
     if cfg.gradual_unfreezing:
         callbacks.append(GradualUnfreezing(unfreezing_groups(model), cfg.epochs))
-    if cfg.method == "adalora":
-        callbacks.append(AdaLoraBudget())
     loss_func = None
     if cfg.class_weights == "balanced":
         loss_func = weighted_loss(balanced_class_weights([row["labels"] for row in train_set], len(labels)))
@@ -190,17 +280,6 @@ def train(data_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Pat
                 "macro_f1": f1_score(prediction.label_ids, predicted, average="macro"),
                 "predicted_classes": len(np.unique(predicted))}
 
-    key = run_key(model_cfg, cfg, card["data_hash"])
-    checkpoints_root = work_dir / "checkpoints"
-    run_dir = checkpoints_root / key
-    for stale in checkpoints_root.glob("*"):
-        if stale != run_dir:
-            shutil.rmtree(stale, ignore_errors=True)
-    resume = last_complete_checkpoint(run_dir) if run_dir.exists() else None
-    if resume is not None and not method.reload_checkpoints:
-        progress.say(f"[tuneflow] train.method={cfg.method} cannot resume from a checkpoint; starting over")
-        shutil.rmtree(run_dir, ignore_errors=True)
-        resume = None
     deepspeed = distributed.deepspeed_config_path(cfg.distributed)
     if deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
         raise InputError(f"train.distributed={cfg.distributed}: deepspeed is not installed (pip install deepspeed on the GPU machine)")
@@ -235,81 +314,46 @@ def train(data_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Pat
         deepspeed=str(deepspeed) if deepspeed else None,
         save_safetensors=True,
     )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=validation_set,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        processing_class=tokenizer,
-        compute_metrics=compute_metrics,
-        compute_loss_func=loss_func,
-        optimizers=(optimizer, None),
-        callbacks=callbacks,
-    )
-    resumed = read_json(resume / "trainer_state.json") if resume else {"global_step": None, "epoch": 0}
-    if resume is not None:
-        progress.say(f"[tuneflow] resuming from checkpoint {resume} (step {resumed['global_step']} of {total_steps})")
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    train_seconds = time.perf_counter() - started
-    final = run_dir / "final"
-    if method.save is None:
-        trainer.save_model(str(final))  # on every rank: ZeRO-3 gathers the shards here
-    elif trainer.is_world_process_zero():
-        method.save(trainer.model, final)
-    if not trainer.is_world_process_zero():
-        return TrainResult(out_dir, {})
+    return Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=validation_set,
+                   data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
+                   compute_metrics=compute_metrics, compute_loss_func=loss_func, optimizers=(optimizer, None),
+                   callbacks=callbacks)
+
+
+def summarise(trainer, method: Method, model_cfg: ModelConfig, cfg: TrainConfig, labels: list[str], final: Path,
+              key: str, resumed: dict[str, Any]) -> dict[str, Any]:
+    """train_summary.json: what was trained, how it went, and what export needs to rebuild it."""
+    from tuneflow.training import diagnose
 
     history = trainer.state.log_history
     evals = [entry for entry in history if "eval_macro_f1" in entry]
     best = max(evals, key=lambda entry: entry["eval_macro_f1"]) if method.reload_checkpoints else evals[-1]  # the epoch kept
     weights = weight_files_ok(final)
-    diagnostics = diagnose(history, classes=len(labels))
-    for warning in diagnostics["warnings"]:
-        progress.say(f"[tuneflow] warning: {warning}")
-    trained_samples = len(train_set) * (trainer.state.epoch - resumed["epoch"])
-    summary = {
-        "method": cfg.method,
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    return {
+        "method": method.name,
         "export": method.export,
+        "export_record": method.export_record(cfg),
         "base_model": model_cfg.base,
         "labels": labels,
-        "max_length": max_length,
-        "max_length_source": max_length_source,
         "trainable_params": trainable,
         "total_params": total,
         "trainable_fraction": trainable / total,
-        "train_time_s": round(train_seconds, 2),
-        "train_samples_per_s": round(trained_samples / train_seconds, 2),
         "resumed_from_step": resumed["global_step"],
         "epochs_run": trainer.state.epoch,
         "best_epoch": best["epoch"],
         "best_validation_macro_f1": best["eval_macro_f1"],
         "best_validation_accuracy": best["eval_accuracy"],
         "optimizer_steps": trainer.state.global_step,
-        "planned_optimizer_steps": total_steps,
-        "bf16": bf16,
         "distributed": cfg.distributed,
-        "world_size": world,
         "peak_rss_mb": peak_rss_mb(),
         "weights_bytes": sum(weights.values()),
         "weight_files": weights,
-        "qlora": cfg.qlora.model_dump(mode="json"),
-        "train_rows": len(train_set),
-        "validation_rows": len(validation_set),
         "run_key": key,
-        "diagnostics": diagnostics,
+        "diagnostics": diagnose(history, classes=len(labels)),
         "log_history": history,
     }
-    with atomic_dir(out_dir) as staging:
-        for path in final.iterdir():
-            shutil.copy2(path, staging / path.name)
-        tokenizer.save_pretrained(staging)
-        plot_curves(history, staging / "loss_curves.png")
-        (staging / "train_report.md").write_text(render_report(summary), encoding="utf-8")
-        write_json(staging / "train_summary.json", summary)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return TrainResult(out_dir, summary)
 
 
 def render_report(summary: dict[str, Any]) -> str:

@@ -1,6 +1,6 @@
 """Stage 2 — validate: the data gate. Fails closed with evidence before any training happens.
 
-Reads the ingest splits and writes to `out_dir` (artifacts/validation/):
+Reads the ingest splits and writes into its output folder (artifacts/validation/):
 - report.json (the contract), report.md, metrics.json (for `dvc metrics`);
 - data/{train,validation,test}.parquet + data_card.json: the gated data every later stage reads
   (a copy of the ingest splits, or the cleaned splits with `validation.fix`);
@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from tasks.gate_checks import (
-    Check,
     Pair,
     class_balance,
     exact_duplicates,
@@ -28,11 +27,12 @@ from tasks.gate_checks import (
     near_duplicate_pairs,
     table,
 )
-from tasks.ingest import SPLITS, content_hash, read_splits
-from tuneflow.artifacts import atomic_dir, read_json, write_json
+from tuneflow import artifacts
+from tuneflow.artifacts import read_json, split_file, write_json
+from tuneflow.checks import Check, gate_passed
 from tuneflow.config import ValidationConfig
-
-__all__ = ["Check", "ValidationResult", "validate", "run_checks", "fix_splits", "render_markdown"]
+from tuneflow.data import SPLITS, read_splits, splits_hash
+from tuneflow.errors import DataGateFailed
 
 
 @dataclass(frozen=True)
@@ -44,38 +44,46 @@ class ValidationResult:
 
     @property
     def failed(self) -> list[Check]:
-        return [check for check in self.checks if not check.passed and check.severity == "error"]
+        return [check for check in self.checks if not check.passed and check.gating]
 
     @property
     def data_dir(self) -> Path:
-        return self.report_dir / "data"
+        return self.report_dir / artifacts.GATED_DATA
+
+    def failure(self, published: Path) -> DataGateFailed | None:
+        """Raised by the stage runner once the report is published in `published`: the evidence outlives the failure."""
+        if self.passed:
+            return None
+        failed = ", ".join(f"{check.name} ({check.reason})" for check in self.failed)
+        return DataGateFailed(f"{published / artifacts.REPORT}: data gate failed: {failed}")
 
 
 def validate(data_dir: Path, cfg: ValidationConfig, out_dir: Path) -> ValidationResult:
     """Run every check on the splits (fix and re-check when asked); write the report whether or not the gate passes."""
     splits = read_splits(data_dir)
-    card = read_json(data_dir / "data_card.json")
+    card = read_json(data_dir / artifacts.DATA_CARD)
     checks, rows, pairs = run_checks(splits, card["labels"], cfg)
     removed: list[dict[str, Any]] = []
     if cfg.fix:
         splits, removed = fix_splits(splits, rows, pairs)
         if removed:
             checks, _, _ = run_checks(splits, card["labels"], cfg)
-    checks.append(Check("fix_removed_rows", True, "info", len(removed), None, _removal_summary(removed),
-                        "rows removed from validation/test by validation.fix" if cfg.fix else "validation.fix is off"))
-    passed = not any(not check.passed and check.severity == "error" for check in checks)
+    checks.append(Check("fix_removed_rows", True, len(removed), None,
+              "rows removed from validation/test by validation.fix" if cfg.fix else "validation.fix is off",
+              severity="info", evidence=_removal_summary(removed)))
+    passed = gate_passed(checks)
     gated_card = _gated_card(card, splits, removed)
-    report = {"passed": passed, "checks": [asdict(check) for check in checks], "data_hash": gated_card["data_hash"],
+    report = {"passed": passed, "checks": [check.as_dict() for check in checks], "data_hash": gated_card["data_hash"],
               "source_data_hash": card["data_hash"]}
-    with atomic_dir(out_dir) as staging:
-        (staging / "data").mkdir()
-        for name in SPLITS:
-            splits[name].to_parquet(staging / "data" / f"{name}.parquet", index=False)
-        write_json(staging / "data" / "data_card.json", gated_card)
-        write_json(staging / "fix_diff.json", {"fix": cfg.fix, "removed_rows": len(removed), "removed": removed})
-        write_json(staging / "report.json", report)
-        write_json(staging / "metrics.json", {"gate_passed": passed} | {check.name: _metric(check.value) for check in checks})
-        (staging / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    gated_dir = out_dir / artifacts.GATED_DATA
+    gated_dir.mkdir(parents=True, exist_ok=True)
+    for name in SPLITS:
+        splits[name].to_parquet(gated_dir / split_file(name), index=False)
+    write_json(gated_dir / artifacts.DATA_CARD, gated_card)
+    write_json(out_dir / artifacts.FIX_DIFF, {"fix": cfg.fix, "removed_rows": len(removed), "removed": removed})
+    write_json(out_dir / artifacts.GATE_REPORT, report)
+    write_json(out_dir / artifacts.METRICS, {"gate_passed": passed} | {check.name: _metric(check.value) for check in checks})
+    (out_dir / artifacts.REPORT).write_text(render_markdown(report), encoding="utf-8")
     return ValidationResult(passed, checks, out_dir, removed)
 
 
@@ -135,7 +143,7 @@ def _gated_card(card: dict[str, Any], splits: dict[str, pd.DataFrame], removed: 
     gated["rows_kept"] = sum(gated["counts"].values())
     gated["source_data_hash"] = card["data_hash"]
     gated["gate_removed"] = len(removed)
-    gated["data_hash"] = content_hash(splits) if removed else card["data_hash"]
+    gated["data_hash"] = splits_hash(splits) if removed else card["data_hash"]
     return gated
 
 
@@ -149,7 +157,7 @@ def render_markdown(report: dict[str, Any]) -> str:
              "| check | result | severity | value | threshold | what it means |", "|---|---|---|---|---|---|"]
     for check in report["checks"]:
         mark = "pass" if check["passed"] else {"error": "**FAIL**", "warning": "warn"}.get(check["severity"], "note")
-        lines.append(f"| {check['name']} | {mark} | {check['severity']} | {check['value']} | {check['threshold']} | {check['message']} |")
+        lines.append(f"| {check['name']} | {mark} | {check['severity']} | {check['value']} | {check['threshold']} | {check['reason']} |")
     for check in report["checks"]:
         if check["evidence"] and (not check["passed"] or check["name"] == "fix_removed_rows"):
             lines += ["", f"## Evidence: {check['name']}", "", "```json"]

@@ -75,6 +75,28 @@ def write_params(folder: Path, **sections) -> Path:
     return path
 
 
+def gated_params(folder: Path, frame: pd.DataFrame, **sections) -> "Params":
+    """Params over `frame` (written as CSV) with ingest and the data gate already run through the stage runner."""
+    from pipeline.runner import run_stage
+    from pipeline.table import STAGES
+    from tuneflow.config import Params
+
+    source = folder / "source.csv"
+    frame.to_csv(source, index=False)
+    params = Params.model_validate({"artifacts": str(folder / "artifacts"), **sections,
+                                    "data": {"source": str(source), **sections.get("data", {})}})
+    for stage in ("ingest", "validate"):
+        run_stage(STAGES[stage], params)
+    return params
+
+
+def stage_inputs(stage_name: str, params) -> dict[str, Path]:
+    """The input paths the stage table gives `stage_name`, for calling its entry function directly."""
+    from pipeline.table import STAGES
+
+    return {keyword: Path(params.artifacts) / relative for keyword, relative in STAGES[stage_name].inputs.items()}
+
+
 def copy_repo_files(target: Path, *names: str) -> None:
     for name in names:
         source = REPO / name

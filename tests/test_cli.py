@@ -46,7 +46,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(workdir, args, fragm
 
 
 def test_unknown_pipeline_exits_2(workdir):
-    (workdir / "pipelines.yaml").write_text("default: a\npipelines:\n  a: {}\n")
+    (workdir / "pipelines.yaml").write_text("pipelines:\n  a: {}\n")
     result = tuneflow(workdir, "run", "--pipeline", "nope")
     assert result.returncode == 2 and "unknown pipeline 'nope'" in error_line(result)
 
@@ -68,5 +68,5 @@ def test_data_gate_failure_exits_3_and_keeps_the_evidence(workdir):
 def test_python_dash_m_entry_point(workdir):
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "tuneflow", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "ingest" in result.stdout and "promote" in result.stdout

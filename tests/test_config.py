@@ -1,6 +1,6 @@
 import pytest
 
-from tuneflow.config import load_params, load_pipelines, parse_set
+from tuneflow.config import load_params, load_pipelines, parse_set, pipeline_params
 from tuneflow.errors import InputError
 
 
@@ -45,13 +45,15 @@ def test_bad_key_in_params_file_names_the_file(tmp_path):
         load_params(path)
 
 
-def test_pipelines_file_layers_and_unknown_default(tmp_path):
-    good = tmp_path / "pipelines.yaml"
-    good.write_text("default: a\npipelines:\n  a:\n    source: x.csv\n    method: full\n    set: {train.epochs: 1}\n")
-    pipeline = load_pipelines(good).pipelines["a"]
-    params = load_params(tmp_path / "absent.yaml", ("pipelines.yaml", pipeline.overrides()))
-    assert (params.data.source, params.train.method, params.train.epochs) == ("x.csv", "full", 1)
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("default: missing\npipelines:\n  a: {}\n")
-    with pytest.raises(InputError, match="default pipeline 'missing'"):
-        load_pipelines(bad)
+def test_a_pipeline_is_an_explicit_overlay(tmp_path):
+    pipelines = tmp_path / "pipelines.yaml"
+    pipelines.write_text("pipelines:\n  a:\n    source: x.csv\n    method: full\n    set: {train.epochs: 1}\n")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("train:\n  method: dora\n  epochs: 3\n")
+    name, params = pipeline_params("a", params_file, pipelines)
+    assert name == "a" and (params.data.source, params.train.method, params.train.epochs) == ("x.csv", "full", 1)
+    name, params = pipeline_params(None, params_file, pipelines)  # no --pipeline: params.yaml alone
+    assert name == "params.yaml" and (params.data.source, params.train.method, params.train.epochs) == ("builtin:bbc", "dora", 3)
+    pipelines.write_text("default: a\npipelines:\n  a: {}\n")  # the old implicit default is gone
+    with pytest.raises(InputError, match="unknown key 'default'"):
+        load_pipelines(pipelines)

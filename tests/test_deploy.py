@@ -28,9 +28,9 @@ def test_deployments_carry_cron_and_resolve_params_at_run_time(workdir):
 
 def test_bad_cron_or_override_exits_2(workdir):
     copy_repo_files(workdir, "params.yaml")
-    (workdir / "pipelines.yaml").write_text("default: a\npipelines:\n  a:\n    schedule: '61 3 * * *'\n")
+    (workdir / "pipelines.yaml").write_text("pipelines:\n  a:\n    schedule: '61 3 * * *'\n")
     result = subprocess.run([str(TUNEFLOW), "deploy", "--dry-run"], cwd=workdir, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "invalid cron schedule '61 3 * * *'" in result.stderr
-    (workdir / "pipelines.yaml").write_text("default: a\npipelines:\n  a:\n    schedule: '0 3 * * *'\n    set: {train.epoch: 1}\n")
+    (workdir / "pipelines.yaml").write_text("pipelines:\n  a:\n    schedule: '0 3 * * *'\n    set: {train.epoch: 1}\n")
     result = subprocess.run([str(TUNEFLOW), "deploy", "--dry-run"], cwd=workdir, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "unknown key 'train.epoch'" in result.stderr

@@ -1,12 +1,11 @@
-"""End to end on real data with the real pre-trained model: `tuneflow run` and `dvc repro` (minutes)."""
+"""End to end on real data with the real pre-trained model: `tuneflow run` (minutes)."""
 
 import json
-import os
 import subprocess
 
 import pytest
 
-from conftest import TUNEFLOW, copy_repo_files, topic_frame, write_params
+from conftest import TUNEFLOW, copy_repo_files
 from tuneflow.registry import Registry
 
 pytestmark = pytest.mark.e2e
@@ -38,29 +37,3 @@ def test_tuneflow_run_promotes_a_real_model(workdir):
     for stage in ("ingest", "validate", "train", "export", "evaluate", "promote"):
         assert f"✔ {stage} done in" in result.stderr
     assert "test macro-F1" in result.stdout and "e2e-bbc v1 @champion" in result.stdout
-
-
-def test_dvc_repro_runs_the_chain_then_nothing(workdir, tiny_model):
-    copy_repo_files(workdir, "dvc.yaml", "tasks", "tuneflow")
-    topic_frame(30).to_csv(workdir / "topics.csv", index=False)
-    write_params(workdir, data={"source": "topics.csv"}, model={"base": str(tiny_model), "max_length": 32},
-                 train={"epochs": 1, "batch_size": 8}, evaluate={"latency_samples": 20, "min_accuracy": 0.0, "min_macro_f1": 0.0},
-                 promote={"model_name": "dvc-tiny"})
-    env = {**os.environ, "PATH": f"{TUNEFLOW.parent}{os.pathsep}{os.environ['PATH']}"}
-
-    def run(*args):
-        done = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-        return done.stdout
-
-    run("git", "init", "-q")
-    run(str(TUNEFLOW.parent / "dvc"), "init", "-q")
-    first = run(str(TUNEFLOW.parent / "dvc"), "repro")
-    for stage in ("ingest", "validate", "train", "export", "evaluate", "promote"):
-        assert f"Running stage '{stage}'" in first
-    assert json.loads((workdir / "artifacts" / "promotion" / "decision.json").read_text())["version"] == "1"
-    second = run(str(TUNEFLOW.parent / "dvc"), "repro")
-    assert "Running stage" not in second and "up to date" in second
-    metrics = run(str(TUNEFLOW.parent / "dvc"), "metrics", "show")
-    assert "exact_leakage" in metrics and "macro_f1" in metrics
-    assert Registry().by_alias("dvc-tiny", "champion").version == "1"  # the no-op repro registered nothing

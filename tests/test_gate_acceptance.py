@@ -12,7 +12,7 @@ def test_bbc_without_dedup_leaks_and_fix_repairs_it(tmp_path):
     checks = {check.name: check for check in result.checks}
     leak, within = checks["exact_leakage"], checks["duplicates_within_split"]
     assert not result.passed and not leak.passed and leak.evidence
-    assert leak.value + within.value == 101 and "of 101 groups" in leak.message  # the corpus's 101 duplicate groups
+    assert leak.value + within.value == 101 and "of 101 groups" in leak.reason  # the corpus's 101 duplicate groups
 
     fixed = validate(data_dir, ValidationConfig(fix=True), tmp_path / "fixed")
     assert fixed.passed and fixed.removed and all(item["split"] != "train" for item in fixed.removed)

@@ -8,10 +8,9 @@ import pytest
 
 from conftest import topic_frame, write_params
 from tasks.validate import run_checks
-from tuneflow.artifacts import Layout
 from tuneflow.config import ValidationConfig
 from tuneflow.errors import DataGateFailed, InputError
-from tuneflow.stages import require_gate_passed
+from tasks.train import require_gate_passed
 from test_cli import error_line, tuneflow
 
 LABELS = ["money", "music", "sport"]
@@ -95,16 +94,17 @@ def test_validate_fix_on_the_command_line(workdir):
     write_params(workdir, data={"source": "data.csv", "dedup": False}, validation={"fix": False})  # fail closed
     assert tuneflow(workdir, "ingest").returncode == 0
     assert tuneflow(workdir, "validate").returncode == 3
-    layout = Layout(workdir / "artifacts")
+    gate = workdir / "artifacts" / "validation"
+    inputs = (gate / "report.json", gate / "data", workdir / "artifacts" / "data" / "data_card.json")
     with pytest.raises(DataGateFailed):
-        require_gate_passed(layout)
+        require_gate_passed(*inputs)
     fixed = tuneflow(workdir, "validate", "--fix")
     assert fixed.returncode == 0, fixed.stderr
-    diff = json.loads((layout.validation / "fix_diff.json").read_text())
+    diff = json.loads((gate / "fix_diff.json").read_text())
     assert diff["fix"] is True and diff["removed_rows"] > 0
-    require_gate_passed(layout)  # train may run on the cleaned splits
+    require_gate_passed(*inputs)  # train may run on the cleaned splits
     # new ingest data (different split): the gate's verdict is stale
     write_params(workdir, data={"source": "data.csv", "dedup": False, "seed": 7}, validation={"fix": False})
     assert tuneflow(workdir, "ingest").returncode == 0
     with pytest.raises(InputError, match="not the current ingest data"):
-        require_gate_passed(layout)
+        require_gate_passed(*inputs)

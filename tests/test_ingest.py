@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 
 from conftest import MR_CSV, needs_mr, topic_frame
-from tasks.ingest import ingest, read_splits
+from tasks.ingest import ingest
+from tuneflow.data import read_splits
 from tuneflow.config import DataConfig
 from tuneflow.errors import InputError
 from tuneflow.text import fold

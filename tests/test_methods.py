@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import topic_frame
-from tuneflow.config import DataConfig, EvaluateConfig, ExportConfig, ModelConfig, Params, TrainConfig
+from conftest import gated_params, stage_inputs, topic_frame
+from tuneflow.config import EvaluateConfig, ExportConfig, ModelConfig, Params, TrainConfig
 from tuneflow.errors import InputError
 from tuneflow.methods import METHODS
 
@@ -18,14 +18,9 @@ WRAPPED = {"prefix", "prompt", "p_tuning", "adapter_houlsby", "adapter_pfeiffer"
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    from tasks.ingest import ingest
-
-    folder = tmp_path_factory.mktemp("methods")
-    source = folder / "topics.csv"
-    topic_frame(20).to_csv(source, index=False)
-    ingest(DataConfig(source=str(source)), folder / "data")
-    return folder / "data"
+def gated(tmp_path_factory) -> dict[str, Path]:
+    """The train stage's inputs (gated splits, gate report, ingest card) for 3 x 20 topic rows."""
+    return stage_inputs("train", gated_params(tmp_path_factory.mktemp("methods"), topic_frame(20)))
 
 
 def tiny_train(**overrides) -> TrainConfig:
@@ -39,13 +34,13 @@ def test_the_table_has_every_method():
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
-def test_method_trains_exports_with_parity_and_evaluates(tiny_model, data_dir, tmp_path, method):
+def test_method_trains_exports_with_parity_and_evaluates(tiny_model, gated, tmp_path, method):
     from tasks.evaluate import evaluate
     from tasks.export import export
     from tasks.train import train
 
     model_cfg = ModelConfig(base=str(tiny_model), max_length="auto")
-    result = train(data_dir, model_cfg, tiny_train(method=method), tmp_path / "model", tmp_path / "work")
+    result = train(**gated, model_cfg=model_cfg, cfg=tiny_train(method=method), out_dir=tmp_path / "model", work_dir=tmp_path / "work")
     summary = result.summary
     assert summary["method"] == method and summary["optimizer_steps"] == summary["planned_optimizer_steps"] > 0
     assert 8 <= summary["max_length"] <= 32 and summary["max_length_source"].startswith("P99")
@@ -57,11 +52,18 @@ def test_method_trains_exports_with_parity_and_evaluates(tiny_model, data_dir, t
     assert "overfitting" in summary["diagnostics"] and summary["diagnostics"]["grad_norm"]["count"] > 0
 
     export_cfg = ExportConfig(parity_batch_size=8)
-    parity = export(tmp_path / "model", data_dir, model_cfg, export_cfg, tmp_path / "export").parity
+    parity = export(tmp_path / "model", gated["gated_data"], model_cfg, export_cfg, tmp_path / "export").parity
     assert parity["passed"], parity
-    metrics = evaluate(tmp_path / "export", data_dir, EvaluateConfig(latency_samples=5, latency_warmup=1,
+    metrics = evaluate(tmp_path / "export", gated["gated_data"], EvaluateConfig(latency_samples=5, latency_warmup=1,
                                                                      min_accuracy=0, min_macro_f1=0), tmp_path / "eval").metrics
-    assert 0 <= metrics["accuracy"] <= 1
+    # the gate scored this method's shipped ONNX file on the test split
+    from tuneflow.data import read_splits
+    from tuneflow.onnx_runtime import OnnxClassifier
+
+    test = read_splits(gated["gated_data"])["test"]
+    predicted = OnnxClassifier.from_export(tmp_path / "export").predict(test["text"].tolist())
+    assert metrics["test_rows"] == len(test)
+    assert metrics["accuracy"] == pytest.approx(sum(map(str.__eq__, predicted, test["label"])) / len(test))
     serving = json.loads((tmp_path / "export" / "assets" / "serving.json").read_text())
     assert serving["method_export"] == ("wrapper" if method in WRAPPED else "merged")
 
@@ -78,18 +80,19 @@ def test_qlora_trains_on_a_4bit_base_and_never_merges_into_it(tiny_model):
     assert quantized and all(module.weight.quant_state.quant_type == "nf4" for module in quantized)
 
 
-def test_prompt_methods_that_cannot_fit_the_positions_fail_at_train_time(tiny_model, data_dir, tmp_path):
+def test_prompt_methods_that_cannot_fit_the_positions_fail_at_train_time(tiny_model, gated, tmp_path):
     from tasks.train import train
 
     # the tiny model has 128 positions: 120 text tokens + 20 virtual tokens cannot be exported (or run)
     cfg = tiny_train(method="prompt", prompt_learning={"num_virtual_tokens": 20})
     with pytest.raises(InputError, match=r"train.method=prompt: .*could not be exported.*exceeds the model's 128 positions"):
-        train(data_dir, ModelConfig(base=str(tiny_model), max_length=120), cfg, tmp_path / "model", tmp_path / "work")
+        train(**gated, model_cfg=ModelConfig(base=str(tiny_model), max_length=120), cfg=cfg, out_dir=tmp_path / "model",
+              work_dir=tmp_path / "work")
     assert not (tmp_path / "model").exists()
 
 
 def test_gradual_unfreezing_is_only_for_full_and_partial():
-    with pytest.raises(ValueError, match="gradual_unfreezing applies to methods full and partial"):
+    with pytest.raises(ValueError, match="gradual_unfreezing applies to methods full, partial, not 'lora'"):
         TrainConfig(method="lora", gradual_unfreezing=True)
 
 

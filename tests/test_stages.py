@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 
 from conftest import topic_frame
+from pipeline.runner import run_stage
+from pipeline.table import STAGES
 from tasks.promote import ChampionScore, decide
-from tuneflow.artifacts import Layout
+from tuneflow import artifacts as a
 from tuneflow.config import Params
 from tuneflow.errors import DataGateFailed
 from tuneflow.registry import Registry
-from tuneflow.stages import STAGES
 
 
 def tiny_params(tiny_model, tmp_path, **train) -> Params:
@@ -27,13 +28,20 @@ def tiny_params(tiny_model, tmp_path, **train) -> Params:
     })
 
 
-def run_until(params: Params, last: str) -> Layout:
-    layout = Layout(Path(params.artifacts))
+class Out:
+    """The stage output folders of one artifacts root."""
+
+    def __init__(self, root: Path):
+        self.data, self.validation, self.model = root / a.DATA, root / a.VALIDATION, root / a.MODEL
+        self.export, self.eval, self.promotion = root / a.EXPORT, root / a.EVAL, root / a.PROMOTION
+
+
+def run_until(params: Params, last: str) -> Out:
     for name in STAGES:
-        STAGES[name](params, layout)
+        run_stage(STAGES[name], params)
         if name == last:
             break
-    return layout
+    return Out(Path(params.artifacts))
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -75,7 +83,7 @@ def test_training_refused_when_the_gate_failed(tiny_model, workdir):
     report["passed"] = False
     (layout.validation / "report.json").write_text(json.dumps(report))
     with pytest.raises(DataGateFailed, match="training refused"):
-        STAGES["train"](params, layout)
+        run_stage(STAGES["train"], params)
     assert not layout.model.exists()
 
 
@@ -92,23 +100,33 @@ def test_promotion_rules_against_the_registry(tiny_model, workdir):
 
     # a failing evaluation gate: registered as challenger, champion untouched
     strict = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"min_macro_f1": 1.01})})
-    STAGES["evaluate"](strict, layout)
-    STAGES["promote"](strict, layout)
+    run_stage(STAGES["evaluate"], strict)
+    run_stage(STAGES["promote"], strict)
     second = json.loads((layout.promotion / "decision.json").read_text())
     assert not second["promoted"] and second["alias"] == "challenger" and "evaluation gate failed" in second["reasons"][0]
     assert registry.by_alias("tiny", "champion").version == "1"
     assert registry.by_alias("tiny", "challenger").version == "2"
 
-    # the same model again passes and ties the champion (re-scored on the same split): promoted
-    STAGES["evaluate"](params, layout)
-    STAGES["promote"](params, layout)
+    # the same model again passes: it already is the champion, so nothing is registered
+    run_stage(STAGES["evaluate"], params)
+    run_stage(STAGES["promote"], params)
     third = json.loads((layout.promotion / "decision.json").read_text())
-    assert third["promoted"] and third["previous_champion"] == "1"
-    assert third["champion_macro_f1"] == pytest.approx(third["candidate_macro_f1"])
+    assert not third["promoted"] and third["alias"] == "champion" and third["version"] == "1"
+    assert "already is champion v1; nothing registered" in third["reasons"][0]
+    assert sorted(int(version.version) for version in registry.client.search_model_versions("name='tiny'")) == [1, 2]
+
+    # another model: the champion is downloaded and re-scored on this run's test split, where it scores what it did
+    reseeded = params.model_copy(update={"train": params.train.model_copy(update={"seed": 7}),
+                                         "promote": params.promote.model_copy(update={"max_f1_drop": 1.0})})
+    for name in ("train", "export", "evaluate", "promote"):
+        run_stage(STAGES[name], reseeded)
+    fourth = json.loads((layout.promotion / "decision.json").read_text())
+    assert fourth["promoted"] and fourth["previous_champion"] == "1" and fourth["version"] == "3"
+    assert fourth["champion_macro_f1"] == pytest.approx(first["candidate_macro_f1"])
     assert registry.by_alias("tiny", "champion").version == "3"
 
 
-PASSED = {"passed": True, "checks": [{"name": "macro_f1", "passed": True, "reason": "ok"}]}
+PASSED = {"passed": True, "checks": [{"name": "macro_f1", "passed": True, "gating": True, "reason": "ok"}]}
 
 
 def test_decide_is_non_inferiority_with_a_margin():
@@ -116,8 +134,9 @@ def test_decide_is_non_inferiority_with_a_margin():
     assert decide(PASSED, 0.90, ChampionScore("4", 0.905, ""), 0.01)[0]
     promoted, reasons = decide(PASSED, 0.88, ChampionScore("4", 0.905, ""), 0.01)
     assert not promoted and "worse than champion" in reasons[0] and "v4" in reasons[0]
-    failed = {"passed": False, "checks": [{"name": "macro_f1", "passed": False, "reason": "macro_f1 0.5 < minimum 0.8"}]}
+    failed = {"passed": False, "checks": [{"name": "macro_f1", "passed": False, "gating": True, "reason": "macro_f1 0.5 < minimum 0.8"},
+                                          {"name": "slice", "passed": False, "gating": False, "reason": "reported, not gated"}]}
     promoted, reasons = decide(failed, 0.99, None, 0.01)
-    assert not promoted and "macro_f1 0.5 < minimum 0.8" in reasons[0]
+    assert not promoted and "macro_f1 0.5 < minimum 0.8" in reasons[0] and "not gated" not in reasons[0]
     promoted, reasons = decide(PASSED, 0.99, ChampionScore("2", None, "its label set differs"), 0.01)
     assert not promoted and "label set differs" in reasons[0]

@@ -13,37 +13,32 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TUNEFLOW, topic_frame, write_params
-from tuneflow.config import DataConfig, ModelConfig, TrainConfig
+from conftest import TUNEFLOW, gated_params, stage_inputs, topic_frame, write_params
+from tuneflow.config import ModelConfig, TrainConfig
 from tuneflow.errors import InputError, StageFailed
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    from tasks.ingest import ingest
-
-    folder = tmp_path_factory.mktemp("practices")
-    source = folder / "topics.csv"
+def gated(tmp_path_factory) -> dict[str, Path]:
     frame = topic_frame(20)
     frame = frame[(frame.label != "music") | (frame.index % 3 == 0)]  # imbalanced: few "music" rows
-    frame.to_csv(source, index=False)
-    ingest(DataConfig(source=str(source)), folder / "data")
-    return folder / "data"
+    return stage_inputs("train", gated_params(tmp_path_factory.mktemp("practices"), frame))
 
 
-def test_every_practice_switched_on_trains_and_records_it(tiny_model, data_dir, tmp_path):
+def test_every_practice_switched_on_trains_and_records_it(tiny_model, gated, tmp_path):
     from tasks.train import train
 
     cfg = TrainConfig(method="full", epochs=3, batch_size=4, learning_rate=5e-3, gradient_accumulation_steps=2,
                       gradient_checkpointing=True, class_weights="balanced", layerwise_lr_decay=0.8,
                       gradual_unfreezing=True, deterministic=True, lr_scheduler="cosine", save_steps=3,
                       group_by_length=False)  # the one practice on by default: switched off here
-    summary = train(data_dir, ModelConfig(base=str(tiny_model), max_length=24), cfg, tmp_path / "model", tmp_path / "work").summary
+    summary = train(**gated, model_cfg=ModelConfig(base=str(tiny_model), max_length=24), cfg=cfg, out_dir=tmp_path / "model",
+                    work_dir=tmp_path / "work").summary
     assert summary["optimizer_steps"] == summary["planned_optimizer_steps"]
     assert summary["max_length"] == 24 and summary["max_length_source"] == "model.max_length"
     diagnostics = summary["diagnostics"]
     assert diagnostics["learning_rate"] and diagnostics["grad_norm"]["count"] > 0 and isinstance(diagnostics["collapsed"], bool)
-    assert "Training: full" in (tmp_path / "model" / "train_report.md").read_text()
+    assert "Training: full" in (tmp_path / "model" / "report.md").read_text()
 
 
 def test_layerwise_groups_decay_from_the_head_down(tiny_model):
@@ -135,16 +130,16 @@ def test_empty_weight_files_are_refused(tmp_path):
 
 
 def prepare_workdir(workdir: Path, tiny_model: Path, **train) -> None:
-    from tuneflow.artifacts import Layout
+    from pipeline.runner import run_stage
+    from pipeline.table import STAGES
     from tuneflow.config import load_params
-    from tuneflow.stages import STAGES
 
     topic_frame(20).to_csv(workdir / "topics.csv", index=False)
     write_params(workdir, data={"source": "topics.csv"}, model={"base": str(tiny_model), "max_length": 24},
                  train={"batch_size": 2, "learning_rate": 5e-3, "early_stopping_patience": 50, **train})
     params = load_params(workdir / "params.yaml")
     for stage in ("ingest", "validate"):
-        STAGES[stage](params, Layout(Path(params.artifacts)))
+        run_stage(STAGES[stage], params)
 
 
 def test_sigkilled_training_resumes_from_the_last_checkpoint(tiny_model, workdir):
@@ -199,13 +194,14 @@ def test_launch_configs_are_generated_and_valid(tmp_path):
     assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
 
 
-def test_distributed_without_a_launcher_says_how_to_launch(tiny_model, data_dir, tmp_path, monkeypatch):
+def test_distributed_without_a_launcher_says_how_to_launch(tiny_model, gated, tmp_path, monkeypatch):
     from tasks.train import train
 
     for name in ("LOCAL_RANK", "ACCELERATE_MIXED_PRECISION"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(InputError, match=r"train.distributed=zero3 needs a launcher: accelerate launch --config_file deploy/accelerate/zero3.yaml"):
-        train(data_dir, ModelConfig(base=str(tiny_model)), TrainConfig(distributed="zero3"), tmp_path / "m", tmp_path / "w")
+        train(**gated, model_cfg=ModelConfig(base=str(tiny_model)), cfg=TrainConfig(distributed="zero3"), out_dir=tmp_path / "m",
+              work_dir=tmp_path / "w")
 
 
 def test_single_process_cpu_run_under_accelerate_launch(tiny_model, workdir):
@@ -213,7 +209,7 @@ def test_single_process_cpu_run_under_accelerate_launch(tiny_model, workdir):
     accelerate = Path(sys.executable).parent / "accelerate"
     repo = Path(__file__).resolve().parents[1]
     result = subprocess.run([str(accelerate), "launch", "--config_file", str(repo / "deploy" / "accelerate" / "ddp.yaml"),
-                             "--cpu", "--num_processes", "1", "-m", "tuneflow", "train", "--set", "train.distributed=ddp"],
+                             "--cpu", "--num_processes", "1", "-m", "cli", "train", "--set", "train.distributed=ddp"],
                             cwd=workdir, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((workdir / "artifacts" / "model" / "train_summary.json").read_text())

@@ -1,48 +1,66 @@
-"""Where each stage writes (the DVC outs), and how it writes without leaving half an artifact."""
+"""Every artifact path and file name tuneflow writes, and how an artifact folder is published whole.
+
+The folders under the artifacts root are the stage outputs (DVC outs); the names below are the files
+inside them. Stages, drivers, the dvc.yaml generator and the tests name artifacts only through this module.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+# stage output folders, relative to the artifacts root
+DATA = "data"
+VALIDATION = "validation"
+MODEL = "model"
+EXPORT = "export"
+EVAL = "eval"
+PROMOTION = "promotion"
+SOURCE_FINGERPRINT = "source.json"  # what the DVC `source` stage records of data.source (see cli/dvc_yaml.py)
+
+# files inside them
+REPORT = "report.md"  # every stage writes one: the human summary (and the Prefect artifact)
+PARAMS = "params.json"  # the resolved params sections the stage ran with
+DATA_CARD = "data_card.json"
+GATED_DATA = "data"  # validation/data: the splits that passed the data gate
+GATE_REPORT = "report.json"
+METRICS = "metrics.json"
+FIX_DIFF = "fix_diff.json"
+TRAIN_SUMMARY = "train_summary.json"
+LOSS_CURVES = "loss_curves.png"
+ONNX_MODEL = "model.onnx"
+ASSETS = "assets"
+SERVING = "serving.json"
+PARITY = "parity.json"
+VERDICT = "verdict.json"
+CONFUSION_MATRIX = "plots/confusion_matrix.png"
+DECISION = "decision.json"
+RESOLVED_PARAMS = "resolved_params.yaml"  # in the MLflow run
+COMPARE = "compare"  # `tuneflow compare`: <root>/compare/<method>/ artifact roots and the comparison
+COMPARISON_MD = "comparison.md"
+COMPARISON_JSON = "comparison.json"
+
+
+def split_file(split: str) -> str:
+    return f"{split}.parquet"
 
 
 @dataclass(frozen=True)
 class Layout:
     root: Path
 
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def validation(self) -> Path:
-        return self.root / "validation"
+    def path(self, relative: str) -> Path:
+        return self.root / relative
 
     @property
     def gated_data(self) -> Path:
         """The splits that passed the data gate (cleaned by `validate --fix`): what train/export/evaluate/promote read."""
-        return self.validation / "data"
-
-    @property
-    def model(self) -> Path:
-        return self.root / "model"
-
-    @property
-    def export(self) -> Path:
-        return self.root / "export"
-
-    @property
-    def eval(self) -> Path:
-        return self.root / "eval"
-
-    @property
-    def promotion(self) -> Path:
-        return self.root / "promotion"
+        return self.root / VALIDATION / GATED_DATA
 
     @property
     def work(self) -> Path:
@@ -50,17 +68,16 @@ class Layout:
         return self.root.parent / ".tuneflow" / self.root.name
 
 
-@contextlib.contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; replace `target` with it only if the block succeeds."""
+def staging_dir(target: Path) -> Path:
+    """An empty sibling folder to write `target`'s new content into."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; artifacts are ordinary files
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    return staging
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Replace `target` with the finished `staging` folder."""
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
@@ -73,3 +90,23 @@ def write_json(path: Path, payload: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def content_hash(path: Path) -> str | None:
+    """sha256 of a file, or of a folder's relative file names and contents; None when the path is absent."""
+    if path.is_file():
+        return _file_sha256(path)
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{_file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -8,16 +8,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tuneflow.errors import InputError
+from tuneflow.methods import (DEFAULT_METHOD, METHODS, AdaLoraOptions, AdapterOptions, IA3Options, LoraOptions,
+                              PromptLearningOptions, QLoraOptions)
+from tuneflow.schema import Section
 
 BUILTIN_BBC = "builtin:bbc"
 BUILTIN_MINILM = "builtin:all-MiniLM-L6-v2"
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class DataConfig(Section):
@@ -68,43 +67,8 @@ class ModelConfig(Section):
         return self
 
 
-class LoraConfig(Section):
-    r: int = Field(default=16, ge=1)
-    alpha: int = Field(default=32, ge=1)
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    target_modules: str | list[str] = "all-linear"
-
-
-class AdaLoraConfig(Section):
-    init_r: int = Field(default=12, ge=1)
-    target_r: int = Field(default=8, ge=1)
-    tinit_fraction: float = Field(default=0.1, ge=0, lt=1)  # warm-up share of steps before rank pruning
-    tfinal_fraction: float = Field(default=0.2, ge=0, lt=1)  # final share of steps with the budget fixed
-
-
-class QLoraConfig(Section):
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-
-
-class IA3Config(Section):
-    target_modules: list[str] | None = None  # None: PEFT's default for the architecture
-    feedforward_modules: list[str] | None = None
-
-
-class PromptLearningConfig(Section):
-    num_virtual_tokens: int = Field(default=20, ge=1)
-    prefix_projection: bool = False  # prefix: reparameterise through an MLP (Li & Liang) instead of P-tuning v2 raw prefixes
-    encoder_hidden_size: int = Field(default=128, ge=1)  # p_tuning's prompt encoder (and the prefix projection)
-
-
-class BottleneckAdapterConfig(Section):
-    reduction_factor: int = Field(default=16, ge=1)
-    non_linearity: Literal["relu", "gelu", "swish", "tanh"] = "relu"
-
-
 class TrainConfig(Section):
-    method: str = "lora"
+    method: str = DEFAULT_METHOD
     epochs: float = Field(default=2, gt=0)
     learning_rate: float = Field(default=1e-3, gt=0)
     batch_size: int = Field(default=16, ge=1)
@@ -128,21 +92,21 @@ class TrainConfig(Section):
     save_every_s: float = Field(default=60, gt=0)  # checkpoint cadence by wall time ...
     save_steps: int | None = Field(default=None, ge=1)  # ... or every N optimizer steps when set
     distributed: Literal["none", "ddp", "zero2", "zero3"] = "none"
-    lora: LoraConfig = LoraConfig()
-    adalora: AdaLoraConfig = AdaLoraConfig()
-    qlora: QLoraConfig = QLoraConfig()
-    ia3: IA3Config = IA3Config()
-    prompt_learning: PromptLearningConfig = PromptLearningConfig()
-    adapter: BottleneckAdapterConfig = BottleneckAdapterConfig()
+    # the methods' options sections (tuneflow/methods.py says which method reads which)
+    lora: LoraOptions = LoraOptions()
+    adalora: AdaLoraOptions = AdaLoraOptions()
+    qlora: QLoraOptions = QLoraOptions()
+    ia3: IA3Options = IA3Options()
+    prompt_learning: PromptLearningOptions = PromptLearningOptions()
+    adapter: AdapterOptions = AdapterOptions()
 
     @model_validator(mode="after")
     def _known_method(self) -> "TrainConfig":
-        from tuneflow.methods import METHODS
-
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.gradual_unfreezing and self.method not in ("full", "partial"):
-            raise ValueError(f"gradual_unfreezing applies to methods full and partial, not {self.method!r}")
+        if self.gradual_unfreezing and not METHODS[self.method].unfreezing:
+            unfreezable = ", ".join(name for name, method in METHODS.items() if method.unfreezing)
+            raise ValueError(f"gradual_unfreezing applies to methods {unfreezable}, not {self.method!r}")
         return self
 
 
@@ -165,6 +129,8 @@ class EvaluateConfig(Section):
 class PromoteConfig(Section):
     model_name: str = Field(default="tuneflow-bbc-news", min_length=1)
     max_f1_drop: float = Field(default=0.01, ge=0, le=1)
+    # a `dvc exp run` registers its model as a challenger only; true lets an experiment move @champion
+    champion_from_experiments: bool = False
 
 
 class Params(Section):
@@ -214,14 +180,7 @@ class Pipeline(Section):
 
 
 class PipelinesFile(Section):
-    default: str
     pipelines: dict[str, Pipeline]
-
-    @model_validator(mode="after")
-    def _default_exists(self) -> "PipelinesFile":
-        if self.default not in self.pipelines:
-            raise ValueError(f"default pipeline {self.default!r} is not defined under 'pipelines'")
-        return self
 
 
 def parse_set(pairs: list[str]) -> dict[str, Any]:
@@ -308,11 +267,12 @@ def pipeline_params(
     pipelines_path: str | Path = "pipelines.yaml",
     *layers: tuple[str, dict[str, Any]],
 ) -> tuple[str, Params]:
-    """params.yaml, then the named pipeline's overrides (its default when `name` is None), then `layers`."""
-    if name is None and not Path(pipelines_path).exists():
-        return "default", load_params(params_path, *layers)
+    """params.yaml, then the named pipeline's overrides (an explicit overlay: none when `name` is None), then `layers`.
+
+    Returns the run's name (the pipeline, or the params file) and the resolved parameters."""
+    if name is None:
+        return Path(params_path).name, load_params(params_path, *layers)
     pipelines = load_pipelines(pipelines_path)
-    name = name or pipelines.default
     if name not in pipelines.pipelines:
         raise InputError(f"{pipelines_path}: unknown pipeline {name!r} (--pipeline); defined: {', '.join(pipelines.pipelines)}")
     pipeline_layer = (f"{pipelines_path} (pipeline {name})", pipelines.pipelines[name].overrides())

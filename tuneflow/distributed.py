@@ -61,7 +61,7 @@ def launched() -> bool:
 
 
 def launch_command(kind: str) -> str:
-    return f"accelerate launch --config_file deploy/accelerate/{kind}.yaml -m tuneflow train --set train.distributed={kind}"
+    return f"accelerate launch --config_file deploy/accelerate/{kind}.yaml -m cli train --set train.distributed={kind}"
 
 
 def write_configs(root: Path = DEPLOY) -> list[Path]:

@@ -1,4 +1,8 @@
-"""The one table of fine-tuning methods: name -> how to wrap the model, save it, and load it back for export.
+"""The one table of fine-tuning methods: everything about a method, by name (as PEFT's mapping does).
+
+An entry names the `train.*` options it reads (their schemas live here too), its Trainer callbacks, whether
+it supports gradual unfreezing, what it must record for export, and how it wraps, saves and exports the model.
+No method name appears anywhere else in tuneflow; the config validator and the tests iterate this table.
 
 `wrap(load_base, cfg)` loads the base classifier (`load_base(**from_pretrained_kwargs)`) and turns it into
 the model the Trainer trains. `save` writes the trained model (None: the Trainer's `save_model`, which
@@ -12,16 +16,69 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
+
+from pydantic import Field
+
+from tuneflow.schema import Section
 
 if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedModel
 
-    from tuneflow.config import TrainConfig
-
 LoadBase = Callable[..., "PreTrainedModel"]
 ADAPTER_NAME = "task"
+DEFAULT_METHOD = "lora"
+
+
+# --- the options sections (train.<section> in params.yaml) -------------------------------------------
+
+class LoraOptions(Section):
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class AdaLoraOptions(Section):
+    init_r: int = Field(default=12, ge=1)
+    target_r: int = Field(default=8, ge=1)
+    tinit_fraction: float = Field(default=0.1, ge=0, lt=1)  # warm-up share of steps before rank pruning
+    tfinal_fraction: float = Field(default=0.2, ge=0, lt=1)  # final share of steps with the budget fixed
+
+
+class QLoraOptions(Section):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+class IA3Options(Section):
+    target_modules: list[str] | None = None  # None: PEFT's default for the architecture
+    feedforward_modules: list[str] | None = None
+
+
+class PromptLearningOptions(Section):
+    num_virtual_tokens: int = Field(default=20, ge=1)
+    prefix_projection: bool = False  # prefix: reparameterise through an MLP (Li & Liang) instead of P-tuning v2 raw prefixes
+    encoder_hidden_size: int = Field(default=128, ge=1)  # p_tuning's prompt encoder (and the prefix projection)
+
+
+class AdapterOptions(Section):
+    reduction_factor: int = Field(default=16, ge=1)
+    non_linearity: Literal["relu", "gelu", "swish", "tanh"] = "relu"
+
+
+class TrainOptions(Protocol):
+    """What a method reads of the `train` section (tuneflow.config.TrainConfig, which validates against this table)."""
+
+    unfreeze_layers: int
+    gradient_checkpointing: bool
+    lora: LoraOptions
+    adalora: AdaLoraOptions
+    qlora: QLoraOptions
+    ia3: IA3Options
+    prompt_learning: PromptLearningOptions
+    adapter: AdapterOptions
 
 
 @dataclass(frozen=True)
@@ -37,11 +94,16 @@ class Method:
     name: str
     description: str
     export: Literal["merged", "wrapper"]
-    wrap: Callable[[LoadBase, "TrainConfig", RunInfo], "nn.Module"]
+    wrap: Callable[[LoadBase, TrainOptions, RunInfo], "nn.Module"]
     load_merged: Callable[[Path, LoadBase, dict[str, Any]], "nn.Module"]
+    options: tuple[str, ...] = ()  # the train.* keys and sections it reads beyond the common ones
     save: Callable[["nn.Module", Path], None] | None = None
-    export_blocker: Callable[["nn.Module", "TrainConfig", int], str | None] = lambda model, cfg, max_length: None
-    virtual_tokens: Callable[["TrainConfig"], int] = lambda cfg: 0
+    callbacks: Callable[[], list[Any]] = lambda: []  # extra Trainer callbacks
+    unfreezing: bool = False  # train.gradual_unfreezing applies
+    # what export needs to rebuild the trained model (kept in train_summary.json["export_record"])
+    export_record: Callable[[TrainOptions], dict[str, Any]] = lambda cfg: {}
+    export_blocker: Callable[["nn.Module", TrainOptions, int], str | None] = lambda model, cfg, max_length: None
+    virtual_tokens: Callable[[TrainOptions], int] = lambda cfg: 0
     # False where a checkpoint cannot be loaded back into the training model: AdaLoRA saves rank-pruned
     # tensors that PEFT's load_adapter cannot put into the live model, so no best-epoch reload and no resume
     reload_checkpoints: bool = True
@@ -49,25 +111,16 @@ class Method:
     suggested_lr: float = 1e-3
 
 
-def encoder_layers(model: "nn.Module"):
-    """The transformer blocks (a ModuleList as long as config.num_hidden_layers), found through any wrapper."""
-    from torch import nn
-
-    count = model.config.num_hidden_layers
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == count:
-            return module
-    raise ValueError(f"cannot find the {count} encoder layers of {type(model).__name__}")
-
-
 # --- full and partial -------------------------------------------------------------------------------
 
-def _full_wrap(load_base: LoadBase, cfg: "TrainConfig", run: RunInfo) -> "nn.Module":
+def _full_wrap(load_base: LoadBase, cfg: TrainOptions, run: RunInfo) -> "nn.Module":
     return load_base()
 
 
-def _partial_wrap(load_base: LoadBase, cfg: "TrainConfig", run: RunInfo) -> "nn.Module":
+def _partial_wrap(load_base: LoadBase, cfg: TrainOptions, run: RunInfo) -> "nn.Module":
     """Freeze the encoder (embeddings and all blocks) except its top `unfreeze_layers` blocks; pooler and head train."""
+    from tuneflow.training import encoder_layers
+
     model = load_base()
     layers = encoder_layers(model)
     for parameter in model.base_model.parameters():
@@ -80,7 +133,7 @@ def _partial_wrap(load_base: LoadBase, cfg: "TrainConfig", run: RunInfo) -> "nn.
     return model
 
 
-def _full_load(model_dir: Path, load_base: LoadBase, summary: dict[str, Any]) -> "nn.Module":
+def _full_load(model_dir: Path, load_base: LoadBase, record: dict[str, Any]) -> "nn.Module":
     from transformers import AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
@@ -88,7 +141,7 @@ def _full_load(model_dir: Path, load_base: LoadBase, summary: dict[str, Any]) ->
 
 # --- PEFT: LoRA family and IA3 (merged for export) ------------------------------------------------
 
-def _lora_config(cfg: "TrainConfig", run: RunInfo | None = None, **extra: Any):
+def _lora_config(cfg: TrainOptions, run: RunInfo | None = None, **extra: Any):
     from peft import LoraConfig, TaskType
 
     lora = cfg.lora
@@ -96,8 +149,8 @@ def _lora_config(cfg: "TrainConfig", run: RunInfo | None = None, **extra: Any):
                       target_modules=lora.target_modules, **extra)
 
 
-def _peft(config_for: Callable[..., Any]) -> Callable[[LoadBase, "TrainConfig", RunInfo], "nn.Module"]:
-    def wrap(load_base: LoadBase, cfg: "TrainConfig", run: RunInfo) -> "nn.Module":
+def _peft(config_for: Callable[..., Any]) -> Callable[[LoadBase, TrainOptions, RunInfo], "nn.Module"]:
+    def wrap(load_base: LoadBase, cfg: TrainOptions, run: RunInfo) -> "nn.Module":
         from peft import get_peft_model
 
         return get_peft_model(load_base(), config_for(cfg, run))
@@ -105,7 +158,7 @@ def _peft(config_for: Callable[..., Any]) -> Callable[[LoadBase, "TrainConfig", 
     return wrap
 
 
-def _adalora_config(cfg: "TrainConfig", run: RunInfo):
+def _adalora_config(cfg: TrainOptions, run: RunInfo):
     from peft import AdaLoraConfig, TaskType
 
     ada, lora, total = cfg.adalora, cfg.lora, run.total_steps
@@ -114,14 +167,20 @@ def _adalora_config(cfg: "TrainConfig", run: RunInfo):
                          tinit=int(ada.tinit_fraction * total), tfinal=int(ada.tfinal_fraction * total))
 
 
-def _ia3_config(cfg: "TrainConfig", run: RunInfo):
+def _adalora_callbacks() -> list[Any]:
+    from tuneflow.training import AdaLoraBudget
+
+    return [AdaLoraBudget()]
+
+
+def _ia3_config(cfg: TrainOptions, run: RunInfo):
     from peft import IA3Config, TaskType
 
     return IA3Config(task_type=TaskType.SEQ_CLS, target_modules=cfg.ia3.target_modules,
                      feedforward_modules=cfg.ia3.feedforward_modules)
 
 
-def _peft_load_merged(model_dir: Path, load_base: LoadBase, summary: dict[str, Any]) -> "nn.Module":
+def _peft_load_merged(model_dir: Path, load_base: LoadBase, record: dict[str, Any]) -> "nn.Module":
     from peft import PeftModel
 
     return PeftModel.from_pretrained(load_base(), model_dir).merge_and_unload()
@@ -137,7 +196,7 @@ def _bnb_config(quant_type: str, double_quant: bool, compute_dtype: str):
                               bnb_4bit_compute_dtype=getattr(torch, compute_dtype), llm_int8_skip_modules=["classifier", "pooler"])
 
 
-def _qlora_wrap(load_base: LoadBase, cfg: "TrainConfig", run: RunInfo) -> "nn.Module":
+def _qlora_wrap(load_base: LoadBase, cfg: TrainOptions, run: RunInfo) -> "nn.Module":
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     compute_dtype = "bfloat16" if run.bf16 else "float32"
@@ -158,12 +217,16 @@ def _keep_4bit_layout_trainable(model: "nn.Module") -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _qlora_load_merged(model_dir: Path, load_base: LoadBase, summary: dict[str, Any]) -> "nn.Module":
+def _qlora_record(cfg: TrainOptions) -> dict[str, Any]:
+    return {"qlora": cfg.qlora.model_dump(mode="json")}
+
+
+def _qlora_load_merged(model_dir: Path, load_base: LoadBase, record: dict[str, Any]) -> "nn.Module":
     """Quantise the base exactly as in training, de-quantise it to fp32, then merge: never merge into 4-bit weights."""
     import torch
     from peft import PeftModel
 
-    quant = summary["qlora"]
+    quant = record["qlora"]
     quantized = load_base(quantization_config=_bnb_config(quant["quant_type"], quant["double_quant"], "float32"))
     base = quantized.dequantize().to(torch.float32)  # bitsandbytes de-quantises to fp16 by default
     return PeftModel.from_pretrained(base, model_dir).merge_and_unload()
@@ -171,7 +234,7 @@ def _qlora_load_merged(model_dir: Path, load_base: LoadBase, summary: dict[str, 
 
 # --- PEFT prompt learning (cannot merge: exported as base + prompt through a wrapper) -------------
 
-def _prefix_config(cfg: "TrainConfig", run: RunInfo):
+def _prefix_config(cfg: TrainOptions, run: RunInfo):
     from peft import PrefixTuningConfig, TaskType
 
     prompt = cfg.prompt_learning
@@ -179,13 +242,13 @@ def _prefix_config(cfg: "TrainConfig", run: RunInfo):
                               prefix_projection=prompt.prefix_projection, encoder_hidden_size=prompt.encoder_hidden_size)
 
 
-def _prompt_config(cfg: "TrainConfig", run: RunInfo):
+def _prompt_config(cfg: TrainOptions, run: RunInfo):
     from peft import PromptTuningConfig, TaskType
 
     return PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=cfg.prompt_learning.num_virtual_tokens)
 
 
-def _p_tuning_config(cfg: "TrainConfig", run: RunInfo):
+def _p_tuning_config(cfg: TrainOptions, run: RunInfo):
     from peft import PromptEncoderConfig, TaskType
 
     prompt = cfg.prompt_learning
@@ -193,17 +256,17 @@ def _p_tuning_config(cfg: "TrainConfig", run: RunInfo):
                                encoder_hidden_size=prompt.encoder_hidden_size)
 
 
-def _peft_load_unmerged(model_dir: Path, load_base: LoadBase, summary: dict[str, Any]) -> "nn.Module":
+def _peft_load_unmerged(model_dir: Path, load_base: LoadBase, record: dict[str, Any]) -> "nn.Module":
     from peft import PeftModel
 
     return PeftModel.from_pretrained(load_base(), model_dir)
 
 
-def _prompt_tokens(cfg: "TrainConfig") -> int:
+def _prompt_tokens(cfg: TrainOptions) -> int:
     return cfg.prompt_learning.num_virtual_tokens
 
 
-def _prompt_blocker(model: "nn.Module", cfg: "TrainConfig", max_length: int) -> str | None:
+def _prompt_blocker(model: "nn.Module", cfg: TrainOptions, max_length: int) -> str | None:
     """Virtual tokens occupy positions (soft prompts in the input; prefixes shift BERT's position ids by the
     cache length): text + virtual tokens must fit the position embeddings."""
     positions = getattr(model.config, "max_position_embeddings", None)
@@ -216,8 +279,8 @@ def _prompt_blocker(model: "nn.Module", cfg: "TrainConfig", max_length: int) -> 
 
 # --- AdapterHub bottleneck adapters (cannot merge: exported as base + adapter modules) -----------
 
-def _bottleneck(config_name: str) -> Callable[[LoadBase, "TrainConfig", RunInfo], "nn.Module"]:
-    def wrap(load_base: LoadBase, cfg: "TrainConfig", run: RunInfo) -> "nn.Module":
+def _bottleneck(config_name: str) -> Callable[[LoadBase, TrainOptions, RunInfo], "nn.Module"]:
+    def wrap(load_base: LoadBase, cfg: TrainOptions, run: RunInfo) -> "nn.Module":
         import adapters
 
         model = load_base()
@@ -236,7 +299,7 @@ def _adapter_save(model: "nn.Module", out_dir: Path) -> None:
     model.config.save_pretrained(out_dir)
 
 
-def _adapter_load(model_dir: Path, load_base: LoadBase, summary: dict[str, Any]) -> "nn.Module":
+def _adapter_load(model_dir: Path, load_base: LoadBase, record: dict[str, Any]) -> "nn.Module":
     import adapters
 
     model = load_base()
@@ -245,31 +308,33 @@ def _adapter_load(model_dir: Path, load_base: LoadBase, summary: dict[str, Any])
     return model
 
 
+LORA, PROMPT = ("lora",), ("prompt_learning",)
 METHODS: dict[str, Method] = {method.name: method for method in [
-    Method("full", "all weights trained", "merged", _full_wrap, _full_load, suggested_lr=5e-5),
+    Method("full", "all weights trained", "merged", _full_wrap, _full_load, unfreezing=True, suggested_lr=5e-5),
     Method("partial", "encoder frozen except its top train.unfreeze_layers blocks; pooler and head train", "merged",
-           _partial_wrap, _full_load, suggested_lr=2e-4),
+           _partial_wrap, _full_load, options=("unfreeze_layers",), unfreezing=True, suggested_lr=2e-4),
     Method("lora", "low-rank adapters (PEFT LoRA) on train.lora.target_modules, merged for export", "merged",
-           _peft(_lora_config), _peft_load_merged),
+           _peft(_lora_config), _peft_load_merged, options=LORA),
     Method("dora", "weight-decomposed LoRA (PEFT use_dora), merged for export", "merged",
-           _peft(lambda cfg, run: _lora_config(cfg, use_dora=True)), _peft_load_merged),
+           _peft(lambda cfg, run: _lora_config(cfg, use_dora=True)), _peft_load_merged, options=LORA),
     Method("adalora", "LoRA with adaptive rank budget (PEFT AdaLoRA), merged for export", "merged",
-           _peft(_adalora_config), _peft_load_merged, reload_checkpoints=False),
+           _peft(_adalora_config), _peft_load_merged, options=("adalora", "lora"), callbacks=_adalora_callbacks,
+           reload_checkpoints=False),
     Method("ia3", "learned rescaling of keys, values and FFN activations (PEFT IA3), merged for export", "merged",
-           _peft(_ia3_config), _peft_load_merged, suggested_lr=5e-3),
+           _peft(_ia3_config), _peft_load_merged, options=("ia3",), suggested_lr=5e-3),
     Method("qlora", "LoRA on a 4-bit NF4 base (bitsandbytes); base de-quantised to fp32, then merged for export", "merged",
-           _qlora_wrap, _qlora_load_merged),
+           _qlora_wrap, _qlora_load_merged, options=("qlora", "lora", "gradient_checkpointing"), export_record=_qlora_record),
     Method("prefix", "trained key/value prefixes on every layer (PEFT prefix tuning, P-tuning v2 style)", "wrapper",
-           _peft(_prefix_config), _peft_load_unmerged, export_blocker=_prompt_blocker, virtual_tokens=_prompt_tokens,
-           suggested_lr=1e-2),
+           _peft(_prefix_config), _peft_load_unmerged, options=PROMPT, export_blocker=_prompt_blocker,
+           virtual_tokens=_prompt_tokens, suggested_lr=1e-2),
     Method("prompt", "trained soft prompt prepended to the input embeddings (PEFT prompt tuning)", "wrapper",
-           _peft(_prompt_config), _peft_load_unmerged, export_blocker=_prompt_blocker, virtual_tokens=_prompt_tokens,
-           suggested_lr=3e-2),
+           _peft(_prompt_config), _peft_load_unmerged, options=PROMPT, export_blocker=_prompt_blocker,
+           virtual_tokens=_prompt_tokens, suggested_lr=3e-2),
     Method("p_tuning", "soft prompt produced by an MLP prompt encoder (PEFT P-tuning)", "wrapper",
-           _peft(_p_tuning_config), _peft_load_unmerged, export_blocker=_prompt_blocker, virtual_tokens=_prompt_tokens,
-           suggested_lr=1e-2),
+           _peft(_p_tuning_config), _peft_load_unmerged, options=PROMPT, export_blocker=_prompt_blocker,
+           virtual_tokens=_prompt_tokens, suggested_lr=1e-2),
     Method("adapter_houlsby", "bottleneck adapters after attention and FFN (AdapterHub double_seq_bn)", "wrapper",
-           _bottleneck("double_seq_bn"), _adapter_load, save=_adapter_save),
+           _bottleneck("double_seq_bn"), _adapter_load, options=("adapter",), save=_adapter_save),
     Method("adapter_pfeiffer", "bottleneck adapter after the FFN (AdapterHub seq_bn)", "wrapper",
-           _bottleneck("seq_bn"), _adapter_load, save=_adapter_save),
+           _bottleneck("seq_bn"), _adapter_load, options=("adapter",), save=_adapter_save),
 ]}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tuneflow import artifacts
 from tuneflow.artifacts import read_json
 
 INPUT_NAMES = ["input_ids", "attention_mask"]
@@ -21,7 +22,7 @@ class OnnxClassifier:
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
-        serving = read_json(assets_dir / "serving.json")
+        serving = read_json(assets_dir / artifacts.SERVING)
         self.labels: list[str] = serving["labels"]
         self.max_length: int = serving["max_length"]
         self.tokenizer = AutoTokenizer.from_pretrained(assets_dir)
@@ -32,11 +33,11 @@ class OnnxClassifier:
 
     @classmethod
     def from_export(cls, export_dir: Path, threads: int | None = None) -> "OnnxClassifier":
-        return cls(export_dir / "model.onnx", export_dir / "assets", threads)
+        return cls(export_dir / artifacts.ONNX_MODEL, export_dir / artifacts.ASSETS, threads)
 
     @classmethod
     def from_mlflow_model(cls, model_dir: Path, threads: int | None = None) -> "OnnxClassifier":
-        return cls(model_dir / "model.onnx", model_dir / "extra_files", threads)
+        return cls(model_dir / artifacts.ONNX_MODEL, model_dir / "extra_files", threads)  # MLflow's folder name
 
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="np")

@@ -7,12 +7,24 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from tuneflow.artifacts import RESOLVED_PARAMS
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def redact(uri: str) -> str:
+    """The URI without user name and password (never written into an artifact)."""
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    return urlunsplit(parts._replace(netloc=f"***@{host}{f':{parts.port}' if parts.port else ''}"))
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,7 @@ class Registry:
         metrics: dict[str, float],
         step_metrics: list[tuple[str, float, int]],
         artifacts: list[Path],
+        resolved_params: dict[str, Any],
         tags: dict[str, str],
     ) -> tuple[Version, str]:
         """One MLflow run with everything the pipeline produced; the ONNX model registered as a new version."""
@@ -79,6 +92,7 @@ class Registry:
                     mlflow.log_artifacts(str(artifact), artifact_path=artifact.name)
                 elif artifact.exists():
                     mlflow.log_artifact(str(artifact), artifact_path=artifact.parent.name)
+            mlflow.log_dict(resolved_params, RESOLVED_PARAMS)
             info = mlflow.onnx.log_model(
                 onnx.load(str(onnx_path)),
                 name="model",

@@ -12,7 +12,14 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from tuneflow.methods import encoder_layers
+
+def encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The transformer blocks (a ModuleList as long as config.num_hidden_layers), found through any wrapper."""
+    count = model.config.num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    raise ValueError(f"cannot find the {count} encoder layers of {type(model).__name__}")
 
 
 class CheckpointCadence(TrainerCallback):

@@ -1,4 +1,6 @@
-"""`tuneflow` command line: the whole flow (`run`) or one stage at a time (what dvc.yaml calls)."""
+"""`tuneflow` command line: the whole flow (`run`), one stage at a time (what dvc.yaml calls), and the tools around them.
+
+The stage commands are generated from the stage table (pipeline/table.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ EXIT_OK, EXIT_UNEXPECTED = 0, 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tuneflow.stages import STAGE_NAMES
+    from pipeline.table import STAGES
 
     parser = argparse.ArgumentParser(prog="tuneflow", description="Fine-tune, gate, export and promote text classifiers.")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml; defaults if absent)")
@@ -25,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     overrides.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="override a params key, e.g. --set train.epochs=2 (repeatable)")
 
-    run = commands.add_parser("run", parents=[overrides], help="run the whole pipeline as a Prefect flow")
-    run.add_argument("--pipeline", help="a pipeline name from pipelines.yaml (default: its `default`)")
+    run = commands.add_parser("run", parents=[overrides], help="run the whole pipeline as a Prefect flow (cached stages are skipped)")
+    run.add_argument("--pipeline", help="a named overlay from pipelines.yaml on top of params.yaml (default: params.yaml alone)")
     run.add_argument("--pipelines-file", default="pipelines.yaml")
     deploy = commands.add_parser("deploy", help="serve Prefect deployments: one cron schedule per pipeline in pipelines.yaml")
     deploy.add_argument("--pipeline", action="append", dest="pipelines", metavar="NAME",
@@ -35,11 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--dry-run", action="store_true", help="print the deployments and exit instead of serving them")
     compare = commands.add_parser("compare", parents=[overrides], help="train several methods on the same split and compare them")
     compare.add_argument("--methods", required=True, help="comma-separated train.method names, e.g. lora,full,prefix")
-    for name in STAGE_NAMES:
-        stage = commands.add_parser(name, parents=[overrides], help=f"run only the {name} stage (dvc.yaml calls these)")
-        if name == "validate":
-            stage.add_argument("--fix", action="store_true",
-                               help="drop leaked and conflicting validation/test rows (see fix_diff.json), then re-validate")
+    dvc_yaml = commands.add_parser("dvc-yaml", help="write dvc.yaml from the stage table (or --check that it is current)")
+    dvc_yaml.add_argument("--output", default="dvc.yaml")
+    dvc_yaml.add_argument("--check", action="store_true", help="exit 2 if the file differs from what the table generates")
+    commands.add_parser("fingerprint", help="record the content hash of data.source (the `source` stage of dvc.yaml)")
+    for stage in STAGES.values():
+        command = commands.add_parser(stage.name, parents=[overrides], help=f"{stage.help} (dvc.yaml calls this)")
+        for flag, (key, help_text) in stage.flags.items():
+            command.add_argument(flag, dest="flags", action="append_const", const=key, default=[], help=help_text)
     return parser
 
 
@@ -65,36 +70,42 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    from tuneflow.artifacts import Layout
     from tuneflow.config import load_params, parse_set, pipeline_params
 
     if args.command == "deploy":
         return deploy(args)
+    if args.command == "dvc-yaml":
+        from cli.dvc_yaml import write_dvc_yaml
+
+        return write_dvc_yaml(load_params(args.params), Path(args.output), check=args.check)
+    if args.command == "fingerprint":
+        from cli.dvc_yaml import write_fingerprint
+
+        return write_fingerprint(load_params(args.params))
     command_line = ("--set", parse_set(args.overrides))
     if args.command == "run":
-        pipeline_name, params = pipeline_params(args.pipeline, args.params, args.pipelines_file, command_line)
-        return run_pipeline(params, pipeline_name)
-
+        run_name, params = pipeline_params(args.pipeline, args.params, args.pipelines_file, command_line)
+        return run_pipeline(params, run_name)
     if args.command == "compare":
         return run_compare(load_params(args.params, command_line), args)
 
-    from tuneflow.stages import STAGES
+    from pipeline.runner import RunFacts, run_stage
+    from pipeline.table import STAGES
 
-    fix_flag = {"validation.fix": True} if getattr(args, "fix", False) else {}
-    params = load_params(args.params, command_line, ("--fix", fix_flag))
-    layout = Layout(Path(params.artifacts))
+    flags = {key: True for key in getattr(args, "flags", [])}
+    params = load_params(args.params, command_line, ("command line", flags))
     with progress.stage(args.command):
-        STAGES[args.command](params, layout, pipeline="stage-by-stage (params.yaml)")
+        run_stage(STAGES[args.command], params, RunFacts.from_environment(Path(args.params).name))
     return EXIT_OK
 
 
-def run_pipeline(params, pipeline_name: str) -> int:
+def run_pipeline(params, run_name: str) -> int:
     from flows.retrain import retrain
 
-    progress.say(f"[tuneflow] pipeline {pipeline_name!r} through Prefect "
+    progress.say(f"[tuneflow] {run_name!r} through Prefect "
                  f"({os.environ.get('PREFECT_API_URL') or 'ephemeral local server'})")
-    rows = retrain(params=params, pipeline=pipeline_name)
-    print(progress.table(rows, f"tuneflow run · pipeline {pipeline_name}"))
+    rows = retrain(params=params, run_name=run_name)
+    print(progress.table(rows, f"tuneflow run · {run_name}"))
     return EXIT_OK
 
 

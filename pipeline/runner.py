@@ -1,0 +1,88 @@
+"""Run one stage from the table: resolve its inputs and params, write its output folder whole, record its params.
+
+The runner owns publication (Kedro's catalog owns IO the same way): the entry writes into a fresh staging
+folder that replaces the stage's output folder only when the entry returns. A result may report a failure
+(`result.failure(published_folder)`: the data gate, ONNX parity) that is raised after the output is published,
+so its evidence stays readable.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pipeline.table import STAGES, WHOLE, Stage
+from tuneflow import artifacts
+from tuneflow.artifacts import Layout, publish, staging_dir, write_json
+from tuneflow.config import Params
+from tuneflow.errors import InputError
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What a run knows beyond its params: its name (pipeline or params file) and the DVC experiment, if any."""
+
+    run_name: str = "params.yaml"
+    experiment: str | None = None
+
+    @classmethod
+    def from_environment(cls, run_name: str) -> "RunFacts":
+        # `dvc exp run` sets these for the stage commands it runs (DVCLive reads them the same way)
+        experiment = os.environ.get("DVC_EXP_NAME") or (os.environ.get("DVC_EXP_BASELINE_REV") and "unnamed")
+        return cls(run_name, experiment or None)
+
+
+def entry_function(stage: Stage) -> Callable[..., Any]:
+    module, _, function = stage.entry.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def params_of(stage: Stage, params: Params) -> dict[str, Any]:
+    """The entry's params keywords: each the section the table names (or the whole Params)."""
+    return {keyword: params if section == WHOLE else getattr(params, section) for keyword, section in stage.params.items()}
+
+
+def sections_of(stage: Stage) -> list[str]:
+    """The params.yaml sections a stage reads (what DVC tracks as its params)."""
+    if WHOLE in stage.params.values():
+        return list(Params.model_fields)
+    return sorted(set(stage.params.values()))
+
+
+def producer(relative: str) -> str:
+    top = relative.split("/")[0]
+    return next((stage.name for stage in STAGES.values() if stage.output == top), "ingest")
+
+
+def run_stage(stage: Stage, params: Params, facts: RunFacts = RunFacts()) -> Any:
+    layout = Layout(Path(params.artifacts))
+    inputs = {keyword: layout.path(relative) for keyword, relative in stage.inputs.items()}
+    for keyword, path in inputs.items():
+        if not path.exists():
+            raise InputError(f"{path}: missing; run `tuneflow {producer(stage.inputs[keyword])}` first")
+    available = {"work_dir": layout.work, "run_name": facts.run_name, "experiment": facts.experiment}
+    context = {name: available[name] for name in stage.context}
+    target = layout.path(stage.output)
+    new_root = not layout.root.exists()
+    staging = staging_dir(target)
+    try:
+        result = entry_function(stage)(**params_of(stage, params), **inputs, **context, out_dir=staging)
+        write_json(staging / artifacts.PARAMS, {"run": facts.run_name, "stage": stage.name,
+                                                 **{section: params.model_dump(mode="json")[section] for section in sections_of(stage)}})
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if new_root and not any(layout.root.iterdir()):
+            layout.root.rmdir()  # bad input leaves nothing behind, not even the empty artifacts root
+        raise
+    if getattr(result, "publish", True):
+        publish(staging, target)
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+    failure = result.failure(target) if hasattr(result, "failure") else None
+    if failure is not None:
+        raise failure
+    return result
