@@ -13,6 +13,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
 
 from pipeline.cache import output_hash, stage_key
 from pipeline.runner import RunFacts, run_stage
@@ -42,9 +43,9 @@ def stage_task(stage_name: str, params: Params, facts: RunFacts) -> dict[str, An
     try:
         with progress.stage(stage_name):
             run_stage(stage, params, facts)
-    except TuneflowError:
+    except TuneflowError as error:
         publish_report(stage_name, params)  # a failed gate still shows its evidence in the UI
-        raise
+        return Failed(message=str(error), data=error)  # an expected refusal: its one line, no engine traceback
     publish_report(stage_name, params)
     return {"stage": stage_name, "output": stage.output, "output_hash": output_hash(stage, params)}
 
@@ -69,16 +70,22 @@ def run_cached(stage_name: str, params: Params, facts: RunFacts) -> None:
 def retrain(params: Params, run_name: str = "params.yaml") -> list[tuple[str, str]]:
     """ingest → validate → train → export → evaluate → promote; a failed stage stops the flow."""
     facts = RunFacts(run_name)
-    for stage_name in STAGES:
-        run_cached(stage_name, params, facts)
+    try:
+        for stage_name in STAGES:
+            run_cached(stage_name, params, facts)
+    except TuneflowError as error:
+        return Failed(message=str(error), data=error)
     return summary_rows(Layout(Path(params.artifacts)))
 
 
 @flow(name="tuneflow-scheduled", log_prints=True)
 def scheduled_retrain(pipeline: str, params_file: str = "params.yaml", pipelines_file: str = "pipelines.yaml") -> list[tuple[str, str]]:
     """What a deployment runs: the files are read when the run starts, so a schedule uses the current params."""
-    name, params = pipeline_params(pipeline, params_file, pipelines_file)
-    return retrain(params=params, run_name=name)
+    try:
+        name, params = pipeline_params(pipeline, params_file, pipelines_file)
+    except TuneflowError as error:
+        return Failed(message=str(error), data=error)
+    return retrain(params=params, run_name=name, return_state=True)
 
 
 def build_deployments(pipelines_file: str, params_file: str, names: list[str] | None = None) -> list:

@@ -65,6 +65,28 @@ def test_data_gate_failure_exits_3_and_keeps_the_evidence(workdir):
     assert not (workdir / "artifacts" / "model").exists()
 
 
+@pytest.mark.slow
+def test_refusals_under_prefect_are_one_line_with_the_failure_recorded(workdir):
+    import sqlite3
+
+    leaky = pd.concat([topic_frame(20), topic_frame(20).assign(text=lambda f: f["text"].str.title())])
+    leaky.to_csv(workdir / "data.csv", index=False)
+    write_params(workdir, data={"source": "data.csv", "dedup": False}, validation={"fix": False})
+    gate = tuneflow(workdir, "run")
+    assert gate.returncode == 3 and "data gate failed: exact_leakage" in error_line(gate)
+    assert "FAILED" in (workdir / "artifacts" / "validation" / "report.md").read_text()
+    missing = tuneflow(workdir, "run", "--set", "data.source=missing.csv")
+    assert missing.returncode == 2 and "missing.csv: file not found" in error_line(missing)
+    for result in (gate, missing):
+        assert "Traceback" not in result.stderr
+    with sqlite3.connect(workdir / ".prefect" / "prefect.db") as db:  # the UI still shows both runs failed
+        flows = db.execute("SELECT state_name FROM flow_run ORDER BY start_time").fetchall()
+        tasks = db.execute("SELECT name, state_name FROM task_run ORDER BY start_time").fetchall()
+    assert flows == [("Failed",), ("Failed",)]
+    assert [(name.rsplit("-", 1)[0], state) for name, state in tasks] == [
+        ("ingest", "Completed"), ("validate", "Failed"), ("ingest", "Failed")]
+
+
 def test_python_dash_m_entry_point(workdir):
     import sys
 
