@@ -12,7 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from pipeline.runner import sections_of
+from pipeline.runner import params_read
 from pipeline.table import Stage
 from tuneflow.artifacts import Layout, content_hash
 from tuneflow.config import Params
@@ -41,11 +41,10 @@ def stage_key(stage: Stage, params: Params) -> str | None:
     if not stage.cache:
         return None
     layout = Layout(Path(params.artifacts))
-    dumped = params.model_dump(mode="json")
     parts: dict[str, object] = {
         "stage": stage.name,
         "output": str(layout.path(stage.output).resolve()),
-        "params": {section: dumped[section] for section in sections_of(stage)},
+        "params": params_read(stage, params),
         "inputs": {relative: content_hash(layout.path(relative)) for relative in stage.inputs.values()},
         "code": {file: content_hash(PROJECT / file) for file in code_dependencies(stage.module)},
     }

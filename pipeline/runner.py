@@ -53,6 +53,12 @@ def sections_of(stage: Stage) -> list[str]:
     return sorted(set(stage.params.values()))
 
 
+def params_read(stage: Stage, params: Params) -> dict[str, Any]:
+    """The resolved values of the sections a stage reads: what params.json records and the cache key hashes."""
+    dumped = params.model_dump(mode="json")
+    return {section: dumped[section] for section in sections_of(stage)}
+
+
 def producer(relative: str) -> str:
     top = relative.split("/")[0]
     return next((stage.name for stage in STAGES.values() if stage.output == top), "ingest")
@@ -71,8 +77,7 @@ def run_stage(stage: Stage, params: Params, facts: RunFacts = RunFacts()) -> Any
     staging = staging_dir(target)
     try:
         result = entry_function(stage)(**params_of(stage, params), **inputs, **context, out_dir=staging)
-        write_json(staging / artifacts.PARAMS, {"run": facts.run_name, "stage": stage.name,
-                                                 **{section: params.model_dump(mode="json")[section] for section in sections_of(stage)}})
+        write_json(staging / artifacts.PARAMS, {"run": facts.run_name, "stage": stage.name, **params_read(stage, params)})
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if new_root and not any(layout.root.iterdir()):

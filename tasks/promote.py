@@ -103,18 +103,19 @@ def promote(params: Params, validation_dir: Path, model_dir: Path, export_dir: P
         "onnx_sha256": onnx_sha256,
         **({"experiment": experiment} if experiment else {}),
     }
+    resolved = params.model_dump(mode="json")
     version, run_id = registry.log_candidate(
         model_name=name,
         onnx_path=export_dir / artifacts.ONNX_MODEL,
         extra_files=sorted(path for path in (export_dir / artifacts.ASSETS).iterdir() if path.is_file()),
-        params=flatten(params.model_dump(mode="json")) | {"pipeline": run_name},
+        params=flatten(resolved) | {"pipeline": run_name},
         metrics=run_metrics(metrics, summary, parity, card),
         step_metrics=[(f"train_{key}" if not key.startswith("eval_") else key, entry[key], entry.get("step", 0))
                       for entry in summary["log_history"] for key in ("loss", "eval_loss", "eval_macro_f1", "grad_norm", "learning_rate") if key in entry],
         artifacts=[gated_data / artifacts.DATA_CARD, *(validation_dir / file for file in (artifacts.GATE_REPORT, artifacts.REPORT, artifacts.FIX_DIFF)),
                    model_dir / artifacts.TRAIN_SUMMARY, model_dir / artifacts.LOSS_CURVES, model_dir / artifacts.REPORT,
                    export_dir / artifacts.PARITY, eval_dir],
-        resolved_params=params.model_dump(mode="json"),
+        resolved_params=resolved,
         tags=tags,
     )
     registry.set_alias(version, CHALLENGER)
