@@ -4,7 +4,8 @@ sections and output folder, plus the metrics and plots DVC shows. A test fails w
 DVC hashes files, so a data source that is not a file in the repository (the built-in corpus, a folder, a
 file elsewhere) enters through a `source` stage marked `always_changed` — DVC's pattern for external data:
 it records the content hash of `data.source` in source.json, and ingest depends on that file, so ingest
-re-runs exactly when the data changed.
+re-runs exactly when the data changed. The `champion` stage reads the registry the same way: always run, its
+small output not cached, so evaluate re-runs exactly when @champion moved.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ def dvc_document(params: Params) -> dict[str, Any]:
         deps += [fingerprint] if stage.reads_source else []
         stages[stage.name] = {
             "cmd": f"tuneflow {stage.name}",
+            **({"always_changed": True} if stage.always_changed else {}),
             "deps": deps + list(code_dependencies(stage.module)),
             "params": sections_of(stage),
-            "outs": [f"{root}/{stage.output}"],
+            "outs": [{f"{root}/{stage.output}": {"cache": False}} if stage.always_changed else f"{root}/{stage.output}"],
         }
     return {
         "stages": stages,

@@ -57,7 +57,7 @@ def compare_one(method: str, params: Params, params_file: str, overrides: list[s
     method_params = params.model_copy(update={"artifacts": str(layout.root),
                                               "train": params.train.model_copy(update={"method": method, "learning_rate": learning_rate})})
     try:
-        for stage in ("export", "evaluate"):
+        for stage in ("export", "champion", "evaluate"):
             with progress.stage(f"{stage} ({method})"):
                 run_stage(STAGES[stage], method_params)
     except Exception as error:  # one method failing export must not hide the others' numbers

@@ -111,6 +111,7 @@ def summary_rows(layout: Layout) -> list[tuple[str, str]]:
     """The final summary table, read back from the artifacts of the run."""
     card = read_json(layout.gated_data / artifacts.DATA_CARD)
     metrics = read_json(layout.path(artifacts.EVAL) / artifacts.METRICS)
+    verdict = read_json(layout.path(artifacts.EVAL) / artifacts.VERDICT)
     decision = read_json(layout.path(artifacts.PROMOTION) / artifacts.DECISION)
     train_summary = read_json(layout.path(artifacts.MODEL) / artifacts.TRAIN_SUMMARY)
     counts, latency = card["counts"], metrics["latency_ms"]
@@ -121,6 +122,7 @@ def summary_rows(layout: Layout) -> list[tuple[str, str]]:
         ("method", f"{train_summary['method']} on {train_summary['base_model']}, {train_summary['trainable_params']:,} trainable params, "
                    f"{train_summary['train_time_s']:.0f}s training, best epoch {train_summary['best_epoch']:g}"),
         ("test macro-F1", f"{metrics['macro_f1']:.4f} (accuracy {metrics['accuracy']:.4f}) on the ONNX model"),
+        ("evaluation gate", f"{'passed' if verdict['passed'] else 'FAILED'}: {verdict['summary']}"),
         ("latency", f"P50 {latency['p50']:.2f} ms, P95 {latency['p95']:.2f} ms, P99 {latency['p99']:.2f} ms (batch 1, {latency['samples']} requests)"),
         ("registry", f"{decision['model_name']} v{decision['version']} @{decision['alias']}"),
         ("promoted", f"{'yes' if decision['promoted'] else 'no'}: {'; '.join(decision['reasons'])}"),

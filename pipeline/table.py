@@ -1,4 +1,4 @@
-"""The stage table: each of the six stages declared once.
+"""The stage table: each stage declared once (the six of the pipeline, and `champion`, the registry lookup evaluate compares with).
 
 A stage names its entry function in `tasks/`, the params sections it reads, the artifacts it reads and the
 one folder it writes (paths from tuneflow/artifacts.py), and what DVC reports of it (metrics, plots). The
@@ -30,7 +30,8 @@ class Stage:
     reads_source: bool = False  # reads the data named by data.source (fingerprinted for both caches)
     metrics: tuple[str, ...] = ()  # JSON files DVC shows with `dvc metrics`
     plots: tuple[str, ...] = ()
-    cache: bool = True  # False: always runs (promote reads the live registry)
+    cache: bool = True  # False: always runs under Prefect (champion and promote read the live registry)
+    always_changed: bool = False  # DVC re-runs it on every repro and does not cache its output (live state)
     flags: dict[str, tuple[str, str]] = field(default_factory=dict)  # CLI flag -> (params key set to true, help)
 
     @property
@@ -55,9 +56,13 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in [
     Stage("export", "tasks.export:export", "merge or wrap the trained model, export ONNX, check parity",
           params={"model_cfg": "model", "cfg": "export"}, inputs={"model_dir": a.MODEL, "data_dir": GATED_DATA},
           output=a.EXPORT),
-    Stage("evaluate", "tasks.evaluate:evaluate", "the evaluation gate on the ONNX model",
-          params={"cfg": "evaluate"}, inputs={"export_dir": a.EXPORT, "data_dir": GATED_DATA}, output=a.EVAL,
-          metrics=(f"{a.EVAL}/{a.METRICS}",), plots=(f"{a.EVAL}/{a.CONFUSION_MATRIX}",)),
+    Stage("champion", "tasks.champion:champion", "look up the registry's @champion for the evaluation gate",
+          params={"cfg": "promote"}, inputs={}, output=a.CHAMPION, cache=False, always_changed=True),
+    Stage("evaluate", "tasks.evaluate:evaluate", "the evaluation gate on the ONNX model, against the champion and a baseline",
+          params={"model_cfg": "model", "cfg": "evaluate"},
+          inputs={"export_dir": a.EXPORT, "model_dir": a.MODEL, "data_dir": GATED_DATA, "champion_dir": a.CHAMPION},
+          output=a.EVAL, metrics=(f"{a.EVAL}/{a.METRICS}",),
+          plots=tuple(f"{a.EVAL}/{plot}" for plot in (a.CONFUSION_MATRIX, a.RELIABILITY_DIAGRAM, a.LATENCY_HISTOGRAM))),
     Stage("promote", "tasks.promote:promote", "register the ONNX model; move @champion if it earned it",
           params={"params": WHOLE},
           inputs={"validation_dir": a.VALIDATION, "model_dir": a.MODEL, "export_dir": a.EXPORT, "eval_dir": a.EVAL},

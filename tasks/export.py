@@ -16,13 +16,12 @@ import torch
 from transformers import AutoTokenizer
 
 from tuneflow import artifacts
-from tuneflow.artifacts import read_json, write_json
+from tuneflow.artifacts import content_hash, write_json
 from tuneflow.config import ExportConfig, ModelConfig
 from tuneflow.data import read_splits
 from tuneflow.errors import StageFailed
-from tuneflow.methods import METHODS
-from tuneflow.models import load_classifier
 from tuneflow.onnx_runtime import INPUT_NAMES, OnnxClassifier
+from tuneflow.trained import LogitsOnly, load_trained
 
 
 @dataclass(frozen=True)
@@ -42,12 +41,9 @@ class ExportResult:
 
 
 def export(model_dir: Path, data_dir: Path, model_cfg: ModelConfig, cfg: ExportConfig, out_dir: Path) -> ExportResult:
-    summary = read_json(model_dir / artifacts.TRAIN_SUMMARY)
-    labels = summary["labels"]
-    base_cfg = model_cfg.model_copy(update={"base": summary["base_model"]})
     # merged weights where the method can merge; otherwise base + trained add-on, exported as one graph
-    merged = METHODS[summary["method"]].load_merged(model_dir, lambda **kwargs: load_classifier(base_cfg, labels, **kwargs),
-                                                   summary["export_record"]).eval()
+    merged, summary = load_trained(model_dir, model_cfg)
+    labels = summary["labels"]
     logits_only = LogitsOnly(merged).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     example = tokenizer(["a short example", "a second and somewhat longer example text"], padding=True, return_tensors="pt")
@@ -73,6 +69,7 @@ def export(model_dir: Path, data_dir: Path, model_cfg: ModelConfig, cfg: ExportC
                                             "inputs": INPUT_NAMES, "output": "logits", "method": summary["method"],
                                             "method_export": summary["export"]})
     parity = check_parity(logits_only, OnnxClassifier.from_export(out_dir), test_texts, cfg)
+    parity.update(onnx_file=artifacts.ONNX_MODEL, onnx_sha256=content_hash(out_dir / artifacts.ONNX_MODEL))
     write_json(out_dir / artifacts.PARITY, parity)
     (out_dir / artifacts.REPORT).write_text(render_report(summary, parity), encoding="utf-8")
     return ExportResult(out_dir, parity)
@@ -96,17 +93,6 @@ def check_parity(torch_model, onnx_model: OnnxClassifier, texts: list[str], cfg:
         "argmax_agreement": agreement,
         "thresholds": {"max_abs_logit_diff": cfg.max_abs_logit_diff, "min_argmax_agreement": cfg.min_argmax_agreement},
     }
-
-
-class LogitsOnly(torch.nn.Module):
-    """Positional tensors in, logits out: the signature the ONNX graph gets."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 def render_report(summary: dict[str, Any], parity: dict[str, Any]) -> str:

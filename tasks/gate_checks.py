@@ -54,7 +54,7 @@ def table(splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 # expectation type -> (check name, what it means)
 GX_CHECKS = {
-    "expect_table_columns_to_match_set": ("columns", "every split has exactly the columns text, label"),
+    "expect_table_columns_to_match_set": ("columns", "every split has exactly the columns text, label and data.slice_columns"),
     "expect_table_row_count_to_be_between": ("min_rows_per_split", "each split has at least validation.min_rows_per_split rows"),
     "expect_column_values_to_not_be_null": ("not_null", "no missing text or label"),
     "expect_column_value_lengths_to_be_between": ("text_length", "folded text length within validation.min_text_chars..max_text_chars"),
@@ -63,7 +63,8 @@ GX_CHECKS = {
 }
 
 
-def gx_checks(splits: dict[str, pd.DataFrame], rows: pd.DataFrame, labels: list[str], cfg: ValidationConfig) -> list[Check]:
+def gx_checks(splits: dict[str, pd.DataFrame], rows: pd.DataFrame, labels: list[str], columns: list[str],
+              cfg: ValidationConfig) -> list[Check]:
     """Run a GX expectation suite per split (ephemeral context, pandas source); one Check per expectation kind.
     `rows` is `table(splits)`: its folded texts are what the text checks see."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -82,7 +83,7 @@ def gx_checks(splits: dict[str, pd.DataFrame], rows: pd.DataFrame, labels: list[
             frame = frame.assign(text=rows.loc[rows["split"] == name, "folded"].to_numpy())
         label_rule = (gxe.ExpectColumnDistinctValuesToEqualSet if name == "train" else gxe.ExpectColumnDistinctValuesToBeInSet)
         suite = gx.ExpectationSuite(name=f"tuneflow-{name}", expectations=[
-            gxe.ExpectTableColumnsToMatchSet(column_set=["text", "label"], exact_match=True),
+            gxe.ExpectTableColumnsToMatchSet(column_set=columns, exact_match=True),
             gxe.ExpectTableRowCountToBeBetween(min_value=cfg.min_rows_per_split),
             gxe.ExpectColumnValuesToNotBeNull(column="text"),
             gxe.ExpectColumnValuesToNotBeNull(column="label"),
@@ -175,6 +176,18 @@ def class_balance(rows: pd.DataFrame, cfg: ValidationConfig) -> list[Check]:
               f"{total} rows in all splits (warning below {cfg.min_total_rows})",
               severity="warning"),
     ]
+
+
+def label_coverage(rows: pd.DataFrame, labels: list[str]) -> list[Check]:
+    """Every label in test (no verdict is possible for a class without test rows) and, as a warning, in validation."""
+    checks = []
+    for split, severity in (("test", "error"), ("validation", "warning")):
+        missing = sorted(set(labels) - set(rows.loc[rows["split"] == split, "label"]))
+        reason = (f"{split} has no rows of {', '.join(map(repr, missing))}: add rows of that class or change data.split_salt"
+                  if missing else f"every label has {split} rows")
+        checks.append(Check(f"{split}_label_coverage", not missing, len(missing), 0, reason, severity=severity,
+                            evidence=[{"split": split, "label": label} for label in missing]))
+    return checks
 
 
 def exact_duplicates(rows: pd.DataFrame, cfg: ValidationConfig) -> list[Check]:

@@ -1,7 +1,7 @@
-"""Stage 1 — ingest: read a source, clean it, drop repeated rows, split it stratified and seeded.
+"""Stage 1 — ingest: read a source, clean it, drop repeated rows, split it by a stable hash of each text.
 
-Writes {train,validation,test}.parquet (columns `text`, `label`), data_card.json and report.md into its
-output folder (artifacts/data/).
+Writes {train,validation,test}.parquet (columns `text`, `label` and any `data.slice_columns`), data_card.json
+and report.md into its output folder (artifacts/data/).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from tuneflow.artifacts import DATA_CARD, REPORT, split_file, write_json
 from tuneflow.config import DataConfig
 from tuneflow.data import SPLITS, builtin_folder, splits_hash
 from tuneflow.errors import InputError
-from tuneflow.text import fold
+from tuneflow.text import fold, split_position
+
 TABULAR_FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 MISSING = {"", "nan", "NaN", "NA", "N/A", "null", "NULL", "None"}
 MIN_ROWS_PER_CLASS = 3  # one for each split
@@ -74,7 +75,9 @@ def ingest(cfg: DataConfig, out_dir: Path) -> IngestResult:
             f"({invalid_fraction:.1%} > data.max_invalid_fraction={cfg.max_invalid_fraction})"
         )
     keep = ~invalid.to_numpy()
-    frame = pd.DataFrame({"text": [t for t, k in zip(texts, keep) if k], "label": [l for l, k in zip(labels, keep) if k]}, dtype=str)
+    frame = pd.DataFrame({"text": texts, "label": labels,
+                          **{column: raw[column].map(slice_value).to_numpy() for column in cfg.slice_columns}}, dtype=str)[keep]
+    frame = frame.reset_index(drop=True)
 
     duplicates_dropped = 0
     if cfg.dedup:
@@ -118,7 +121,8 @@ def ingest(cfg: DataConfig, out_dir: Path) -> IngestResult:
         "labels": label_names,
         "counts": {name: len(part) for name, part in splits.items()},
         "class_counts": {name: part["label"].value_counts().sort_index().to_dict() for name, part in splits.items()},
-        "split": {"validation_fraction": cfg.validation_fraction, "test_fraction": cfg.test_fraction, "seed": cfg.seed, "stratified": True},
+        "split": split_record(cfg),
+        "slice_columns": list(cfg.slice_columns),
         "dedup": cfg.dedup,
         "data_hash": data_hash,
     }
@@ -143,11 +147,26 @@ def render_report(card: dict[str, Any]) -> str:
 
 
 def split(frame: pd.DataFrame, cfg: DataConfig) -> dict[str, pd.DataFrame]:
-    """Stratified, seeded train/validation/test split."""
-    rest, test = train_test_split(frame, test_size=cfg.test_fraction, stratify=frame["label"], random_state=cfg.seed)
-    validation_share = cfg.validation_fraction / (1 - cfg.test_fraction)
-    train, validation = train_test_split(rest, test_size=validation_share, stratify=rest["label"], random_state=cfg.seed)
-    return {name: part.reset_index(drop=True) for name, part in zip(SPLITS, (train, validation, test))}
+    """Stable split: a row's position in [0, 1) is a hash of its folded text and `data.split_salt`; test takes
+    [0, test_fraction), validation the next validation_fraction, train the rest. A row keeps its split as the
+    data grows, and repeats of a text share one split. Every class is cut at the same thresholds, so each is
+    stratified in expectation (binomial spread: a class of n rows gets about n·f ± √(n·f·(1−f)) test rows)."""
+    position = frame["text"].map(lambda text: split_position(text, cfg.split_salt))
+    test = position < cfg.test_fraction
+    validation = ~test & (position < cfg.test_fraction + cfg.validation_fraction)
+    ordered = frame.assign(position=position).sort_values("position", kind="stable")  # row order independent of the file's
+    parts = (ordered[~test & ~validation], ordered[validation], ordered[test])
+    return {name: part.drop(columns="position").reset_index(drop=True) for name, part in zip(SPLITS, parts)}
+
+
+def split_record(cfg: DataConfig) -> dict[str, Any]:
+    """What decides which rows a split holds: two models are comparable on one test split only if these match."""
+    return {"method": "hash", "salt": cfg.split_salt, "validation_fraction": cfg.validation_fraction,
+            "test_fraction": cfg.test_fraction}
+
+
+def slice_value(value: Any) -> str:
+    return "(missing)" if _is_missing(value) else _label_str(value).strip()
 
 
 # --- reading sources -------------------------------------------------------------------------
@@ -254,6 +273,11 @@ def read_jsonl(path: Path, content: str) -> pd.DataFrame:
 
 def pick_columns(table: pd.DataFrame, path: Path, cfg: DataConfig) -> pd.DataFrame:
     picked = {}
+    for column in cfg.slice_columns:
+        if column not in table.columns:
+            found = ", ".join(map(str, table.columns)) or "(none)"
+            raise InputError(f"{path}: slice column {column!r} not found (data.slice_columns); columns found: {found}")
+        picked[column] = table[column]
     for role, column in (("text", cfg.text_column), ("label", cfg.label_column)):
         key = f"data.{role}_column"
         if isinstance(column, int):
@@ -270,6 +294,8 @@ def pick_columns(table: pd.DataFrame, path: Path, cfg: DataConfig) -> pd.DataFra
 
 def read_folder(folder: Path, cfg: DataConfig, cleaning: Cleaning) -> pd.DataFrame:
     """One sub-folder per class, one `.txt` file per example."""
+    if cfg.slice_columns:
+        raise InputError(f"{folder}: a folder source has no columns to slice by (data.slice_columns={cfg.slice_columns})")
     rows = []
     for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for file in sorted(class_dir.glob("*.txt")):

@@ -1,16 +1,16 @@
-"""Stage 6 — promote: register the ONNX model, alias it `challenger`, move `champion` only if it earned it.
+"""Stage 6 — promote: register the ONNX model, alias it `challenger`, move `champion` only if the verdict says so.
 
-A candidate whose ONNX file is byte for byte the current champion's (a re-run with nothing changed) is
-not registered again: the decision says it already is the champion.
-Otherwise the candidate becomes champion when the evaluation verdict passed and its test macro-F1 is not below
-the current champion's — re-scored on this run's test split, so the comparison is paired — by more
-than `promote.max_f1_drop`. A `dvc exp run` registers a challenger only, unless
-`promote.champion_from_experiments` is set. Writes decision.json and report.md into its output folder
-(artifacts/promotion/).
+Promote decides nothing itself: the evaluation verdict (absolute thresholds and the paired comparison with the
+champion) is the decision. It refuses, with the registry untouched, a verdict that is not about the ONNX file it
+would register, about other test data, or about another champion than the current one. A candidate whose ONNX
+file is byte for byte the current champion's is not registered again. A `dvc exp run` registers a challenger
+only, unless `promote.champion_from_experiments` is set. Writes decision.json and report.md into its output
+folder (artifacts/promotion/).
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,17 +19,8 @@ from typing import Any
 from tuneflow import artifacts
 from tuneflow.artifacts import content_hash, read_json, write_json
 from tuneflow.config import Params
-from tuneflow.data import read_splits
-from tuneflow.onnx_runtime import OnnxClassifier
-from tuneflow.registry import CHALLENGER, CHAMPION, Registry, Version, redact, temporary_dir
-from tuneflow.scoring import classification_metrics
-
-
-@dataclass(frozen=True)
-class ChampionScore:
-    version: str
-    macro_f1: float | None
-    note: str
+from tuneflow.errors import InputError
+from tuneflow.registry import CHALLENGER, CHAMPION, Registry, Version, redact
 
 
 @dataclass(frozen=True)
@@ -37,35 +28,31 @@ class PromoteResult:
     decision: dict[str, Any]
 
 
-def decide(verdict: dict[str, Any], candidate_f1: float, champion: ChampionScore | None, max_f1_drop: float) -> tuple[bool, list[str]]:
-    """Pure promotion rule: the verdict must pass, then non-inferiority against the champion."""
-    reasons = [check["reason"] for check in verdict["checks"] if not check["passed"] and check["gating"]]
-    if reasons:
-        return False, ["evaluation gate failed: " + "; ".join(reasons)]
-    if champion is None:
-        return True, ["first model for this name: evaluation gate passed, promoted on thresholds"]
-    if champion.macro_f1 is None:
-        return False, [f"cannot compare with champion v{champion.version}: {champion.note}; use a forced promotion to replace it"]
-    drop = champion.macro_f1 - candidate_f1
-    comparison = (f"candidate macro-F1 {candidate_f1:.4f} vs champion v{champion.version} {champion.macro_f1:.4f} "
-                  f"on the same test split (drop {drop:+.4f}, allowed {max_f1_drop})")
-    if drop > max_f1_drop:
-        return False, [f"worse than champion: {comparison}"]
-    return True, [f"gate passed and not worse than champion: {comparison}"]
+def decide(verdict: dict[str, Any]) -> tuple[bool, list[str]]:
+    """The verdict is the decision: every gating check must pass; the champion check says why it may replace it."""
+    failed = [check["reason"] for check in verdict["checks"] if not check["passed"] and check["gating"]]
+    if failed:
+        return False, ["evaluation gate failed: " + "; ".join(failed)]
+    champion = next(check for check in verdict["checks"] if check["name"] == "champion_non_inferiority")
+    return True, [f"evaluation gate passed; {champion['reason']}"]
 
 
-def score_champion(registry: Registry, current: Version | None, labels: list[str], texts: list[str], truth: list[str]) -> ChampionScore | None:
-    if current is None:
-        return None
-    with temporary_dir() as scratch:
-        try:
-            champion = OnnxClassifier.from_mlflow_model(registry.download(current, Path(scratch)))
-        except Exception as error:  # a broken or foreign artifact must not crash the promotion
-            return ChampionScore(current.version, None, f"its artifact could not be loaded ({type(error).__name__})")
-        if sorted(champion.labels) != sorted(labels):
-            return ChampionScore(current.version, None, f"its label set {champion.labels} differs from {labels}")
-        score = classification_metrics(labels, truth, champion.predict(texts))["macro_f1"]
-    return ChampionScore(current.version, score, "re-scored on this run's test split")
+def check_custody(verdict: dict[str, Any], verdict_path: Path, onnx_path: Path, data_hash: str, current: Version | None) -> str:
+    """The verdict must be about this file, this test data and the current champion; returns the file's sha256."""
+    onnx_sha256 = content_hash(onnx_path)
+    if onnx_sha256 is None:
+        raise InputError(f"{onnx_path}: missing; run `tuneflow export`")
+    if verdict.get("onnx_sha256") != onnx_sha256:
+        raise InputError(f"{verdict_path}: the verdict is about ONNX file {(verdict.get('onnx_sha256') or 'unknown')[:12]}, "
+                         f"{onnx_path} is {onnx_sha256[:12]}; run `tuneflow evaluate` on this export first")
+    if verdict.get("data_hash") != data_hash:
+        raise InputError(f"{verdict_path}: the verdict is about other test data than the gated splits; run `tuneflow evaluate` first")
+    judged = (verdict.get("champion") or {}).get("version")
+    now = current.version if current else None
+    if judged != now:
+        raise InputError(f"{verdict_path}: the verdict compared with champion {f'v{judged}' if judged else 'none'}, but @champion is "
+                         f"{f'v{now}' if now else 'none'} now; run `tuneflow champion` and `tuneflow evaluate` again")
+    return onnx_sha256
 
 
 def promote(params: Params, validation_dir: Path, model_dir: Path, export_dir: Path, eval_dir: Path, out_dir: Path,
@@ -78,14 +65,13 @@ def promote(params: Params, validation_dir: Path, model_dir: Path, export_dir: P
     summary = read_json(model_dir / artifacts.TRAIN_SUMMARY)
     card = read_json(gated_data / artifacts.DATA_CARD)
     parity = read_json(export_dir / artifacts.PARITY)
-    test = read_splits(gated_data)["test"]
-    onnx_sha256 = content_hash(export_dir / artifacts.ONNX_MODEL)
+    onnx_path = export_dir / parity.get("onnx_file", artifacts.ONNX_MODEL)
     current = registry.by_alias(name, CHAMPION)
+    onnx_sha256 = check_custody(verdict, eval_dir / artifacts.VERDICT, onnx_path, card["data_hash"], current)
     if verdict["passed"] and current is not None and current.tags.get("onnx_sha256") == onnx_sha256:
         return finish(out_dir, already_champion(current, metrics["macro_f1"], onnx_sha256, registry))
 
-    champion = score_champion(registry, current, summary["labels"], test["text"].tolist(), test["label"].tolist())
-    promoted, reasons = decide(verdict, metrics["macro_f1"], champion, params.promote.max_f1_drop)
+    promoted, reasons = decide(verdict)
     if experiment is not None and not params.promote.champion_from_experiments:
         reasons = [f"DVC experiment {experiment}: registered as challenger only (@champion moves from an experiment "
                    f"only with promote.champion_from_experiments=true)"] + reasons
@@ -93,12 +79,15 @@ def promote(params: Params, validation_dir: Path, model_dir: Path, export_dir: P
 
     tags = {
         "data_hash": card["data_hash"],
+        "split": json.dumps(card["split"], sort_keys=True),
+        "split_salt": card["split"]["salt"],
         "git_commit": git_commit(),
         "method": summary["method"],
         "base_model": summary["base_model"],
         "params_hash": params.section_hash(),
         "pipeline": run_name,
         "verdict": "passed" if verdict["passed"] else "failed",
+        "verdict_summary": verdict["summary"],
         "test_macro_f1": f"{metrics['macro_f1']:.6f}",
         "onnx_sha256": onnx_sha256,
         **({"experiment": experiment} if experiment else {}),
@@ -106,7 +95,7 @@ def promote(params: Params, validation_dir: Path, model_dir: Path, export_dir: P
     resolved = params.model_dump(mode="json")
     version, run_id = registry.log_candidate(
         model_name=name,
-        onnx_path=export_dir / artifacts.ONNX_MODEL,
+        onnx_path=onnx_path,
         extra_files=sorted(path for path in (export_dir / artifacts.ASSETS).iterdir() if path.is_file()),
         params=flatten(resolved) | {"pipeline": run_name},
         metrics=run_metrics(metrics, summary, parity, card),
@@ -121,15 +110,16 @@ def promote(params: Params, validation_dir: Path, model_dir: Path, export_dir: P
     registry.set_alias(version, CHALLENGER)
     if promoted:
         registry.set_alias(version, CHAMPION)
+    champion = metrics["champion"]
     decision = {
         "promoted": promoted,
         "model_name": name,
         "version": version.version,
         "alias": CHAMPION if promoted else CHALLENGER,
-        "previous_champion": champion.version if champion else None,
+        "previous_champion": current.version if current else None,
         "reasons": reasons,
         "candidate_macro_f1": metrics["macro_f1"],
-        "champion_macro_f1": champion.macro_f1 if champion else None,
+        "champion_macro_f1": champion.get("macro_f1"),
         "run_id": run_id,
         "tracking_uri": redact(registry.uri),
         "tags": tags,
@@ -168,10 +158,15 @@ def render_report(decision: dict[str, Any]) -> str:
 
 
 def run_metrics(metrics: dict[str, Any], summary: dict[str, Any], parity: dict[str, Any], card: dict[str, Any]) -> dict[str, float]:
-    latency = metrics["latency_ms"]
+    latency, intervals = metrics["latency_ms"], metrics["intervals"]
     values = {
         "test_accuracy": metrics["accuracy"],
         "test_macro_f1": metrics["macro_f1"],
+        "test_macro_f1_ci_low": intervals["macro_f1"]["low"],
+        "test_macro_f1_ci_high": intervals["macro_f1"]["high"],
+        "baseline_macro_f1": metrics["baseline"]["macro_f1"],
+        "robustness_worst_flip_rate": metrics["robustness"]["worst_flip"]["flip_rate"],
+        "calibration_ece": metrics["calibration"]["ece"],
         "latency_p50_ms": latency["p50"],
         "latency_p95_ms": latency["p95"],
         "latency_p99_ms": latency["p99"],
@@ -188,7 +183,7 @@ def run_metrics(metrics: dict[str, Any], summary: dict[str, Any], parity: dict[s
         "rows_test": card["counts"]["test"],
         "rows_dropped_duplicates": card["dropped"]["duplicates"],
     }
-    values.update({f"test_f1_{label}": row["f1"] for label, row in metrics["per_class"].items()})
+    values.update({f"test_f1_{label}": row["f1"] for label, row in metrics["per_class"].items() if row["f1"] is not None})
     return {key: float(value) for key, value in values.items()}
 
 

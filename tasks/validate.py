@@ -23,6 +23,7 @@ from tasks.gate_checks import (
     exact_duplicates,
     gx_checks,
     label_conflicts,
+    label_coverage,
     near_duplicate_checks,
     near_duplicate_pairs,
     table,
@@ -62,12 +63,12 @@ def validate(data_dir: Path, cfg: ValidationConfig, out_dir: Path) -> Validation
     """Run every check on the splits (fix and re-check when asked); write the report whether or not the gate passes."""
     splits = read_splits(data_dir)
     card = read_json(data_dir / artifacts.DATA_CARD)
-    checks, rows, pairs = run_checks(splits, card["labels"], cfg)
+    checks, rows, pairs = run_checks(splits, card["labels"], cfg, card.get("slice_columns", []))
     removed: list[dict[str, Any]] = []
     if cfg.fix:
         splits, removed = fix_splits(splits, rows, pairs)
         if removed:
-            checks, _, _ = run_checks(splits, card["labels"], cfg)
+            checks, _, _ = run_checks(splits, card["labels"], cfg, card.get("slice_columns", []))
     checks.append(Check("fix_removed_rows", True, len(removed), None,
               "rows removed from validation/test by validation.fix" if cfg.fix else "validation.fix is off",
               severity="info", evidence=_removal_summary(removed)))
@@ -87,13 +88,15 @@ def validate(data_dir: Path, cfg: ValidationConfig, out_dir: Path) -> Validation
     return ValidationResult(passed, checks, out_dir, removed)
 
 
-def run_checks(splits: dict[str, pd.DataFrame], labels: list[str], cfg: ValidationConfig) -> tuple[list[Check], pd.DataFrame, list[Pair]]:
+def run_checks(splits: dict[str, pd.DataFrame], labels: list[str], cfg: ValidationConfig,
+               slice_columns: list[str] = ()) -> tuple[list[Check], pd.DataFrame, list[Pair]]:
     rows = table(splits)
     pairs = near_duplicate_pairs(rows, cfg)
     checks = [
-        *gx_checks(splits, rows, labels, cfg),
+        *gx_checks(splits, rows, labels, ["text", "label", *slice_columns], cfg),
         label_conflicts(rows, cfg),
         *class_balance(rows, cfg),
+        *label_coverage(rows, labels),
         *exact_duplicates(rows, cfg),
         *near_duplicate_checks(rows, pairs, cfg),
     ]

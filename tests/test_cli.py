@@ -52,13 +52,14 @@ def test_unknown_pipeline_exits_2(workdir):
 
 
 def test_data_gate_failure_exits_3_and_keeps_the_evidence(workdir):
-    leaky = pd.concat([topic_frame(20), topic_frame(20).assign(text=lambda f: f["text"].str.title())])
+    frame = topic_frame(40)  # a word added to some rows: near-duplicates that the stable split scatters
+    leaky = pd.concat([frame, frame.groupby("label").head(8).assign(text=lambda f: f["text"] + " indeed")])
     leaky.to_csv(workdir / "data.csv", index=False)
     write_params(workdir, data={"source": "data.csv", "dedup": False}, validation={"fix": False})  # fail closed
     assert tuneflow(workdir, "ingest").returncode == 0
     result = tuneflow(workdir, "validate")
     assert result.returncode == 3
-    assert "data gate failed: exact_leakage" in error_line(result)
+    assert "data gate failed: near_dup_leakage" in error_line(result)
     assert "FAILED" in (workdir / "artifacts" / "validation" / "report.md").read_text()
     trained = tuneflow(workdir, "train")
     assert trained.returncode == 3 and "training refused" in error_line(trained)
@@ -69,11 +70,12 @@ def test_data_gate_failure_exits_3_and_keeps_the_evidence(workdir):
 def test_refusals_under_prefect_are_one_line_with_the_failure_recorded(workdir):
     import sqlite3
 
-    leaky = pd.concat([topic_frame(20), topic_frame(20).assign(text=lambda f: f["text"].str.title())])
+    frame = topic_frame(40)
+    leaky = pd.concat([frame, frame.groupby("label").head(8).assign(text=lambda f: f["text"] + " indeed")])
     leaky.to_csv(workdir / "data.csv", index=False)
     write_params(workdir, data={"source": "data.csv", "dedup": False}, validation={"fix": False})
     gate = tuneflow(workdir, "run")
-    assert gate.returncode == 3 and "data gate failed: exact_leakage" in error_line(gate)
+    assert gate.returncode == 3 and "data gate failed: near_dup_leakage" in error_line(gate)
     assert "FAILED" in (workdir / "artifacts" / "validation" / "report.md").read_text()
     missing = tuneflow(workdir, "run", "--set", "data.source=missing.csv")
     assert missing.returncode == 2 and "missing.csv: file not found" in error_line(missing)

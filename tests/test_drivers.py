@@ -18,6 +18,7 @@ from tuneflow.registry import Registry
 
 pytestmark = pytest.mark.slow
 CACHEABLE = [name for name, stage in STAGES.items() if stage.cache]
+LIVE = {name: "Completed" for name, stage in STAGES.items() if not stage.cache}  # champion and promote read the registry
 
 
 def tiny_project(folder: Path, tiny_model: Path) -> None:
@@ -26,7 +27,7 @@ def tiny_project(folder: Path, tiny_model: Path) -> None:
     topic_frame(30).to_csv(folder / "topics.csv", index=False)
     write_params(folder, data={"source": "topics.csv"}, model={"base": str(tiny_model), "max_length": 32},
                  train={"method": "full", "epochs": 1, "batch_size": 8, "learning_rate": 5e-3},
-                 evaluate={"latency_samples": 20, "min_accuracy": 0.0, "min_macro_f1": 0.0}, promote={"model_name": "drivers-tiny"})
+                 evaluate={"latency_warmup": 2, "min_accuracy": 0.0, "min_macro_f1": 0.0, "pytorch_reference": False}, promote={"model_name": "drivers-tiny"})
 
 
 def run(folder: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -77,24 +78,28 @@ def test_the_resolved_params_are_written_beside_the_artifacts_and_logged_to_mlfl
 
 def test_prefect_skips_unchanged_stages_and_reruns_what_changed(prefect_project):
     folder, env, _ = prefect_project
+    # the first run promoted v1: the gate is re-run against that champion (its own file), then nothing changes
     second = run(folder, str(TUNEFLOW), "run", env=env)
+    assert "▶ evaluate …" in second.stderr and "✔ train cached" in second.stderr
+    third = run(folder, str(TUNEFLOW), "run", env=env)
     for name in CACHEABLE:
-        assert f"✔ {name} cached" in second.stderr and f"▶ {name} …" not in second.stderr
-    assert "▶ promote …" in second.stderr  # never cached: it reads the live registry
+        assert f"✔ {name} cached" in third.stderr and f"▶ {name} …" not in third.stderr
+    assert "▶ champion …" in third.stderr and "▶ promote …" in third.stderr  # never cached: they read the live registry
     states = task_states(folder)
     assert states[0] == {name: "Completed" for name in STAGES}
-    assert states[1] == {name: "Cached" for name in CACHEABLE} | {"promote": "Completed"}
+    assert states[1] == {name: "Cached" for name in CACHEABLE} | LIVE | {"evaluate": "Completed"}
+    assert states[2] == {name: "Cached" for name in CACHEABLE} | LIVE
 
     # a stage whose output folder changed since the cached run is run again, and so is what reads it
     (folder / "artifacts" / a.EVAL / a.VERDICT).unlink()
-    third = run(folder, str(TUNEFLOW), "run", env=env)
-    assert "evaluate: cached result, but eval/ changed since; running it again" in third.stderr
+    fourth = run(folder, str(TUNEFLOW), "run", env=env)
+    assert "evaluate: cached result, but eval/ changed since; running it again" in fourth.stderr
     assert (folder / "artifacts" / a.EVAL / a.VERDICT).exists()
 
     # changed data: every stage runs again
     topic_frame(31).to_csv(folder / "topics.csv", index=False)
-    fourth = run(folder, str(TUNEFLOW), "run", env=env)
-    assert all(f"▶ {name} …" in fourth.stderr for name in STAGES)
+    fifth = run(folder, str(TUNEFLOW), "run", env=env)
+    assert all(f"▶ {name} …" in fifth.stderr for name in STAGES)
     assert task_states(folder)[-1] == {name: "Completed" for name in STAGES}
 
 
@@ -115,9 +120,12 @@ def test_dvc_runs_the_same_configuration_tracks_the_data_and_keeps_experiments_o
     assert json.loads((workdir / "artifacts" / a.MODEL / a.TRAIN_SUMMARY).read_text())["method"] == "full"
     assert Registry().by_alias("drivers-tiny", "champion").version == "1"
 
-    second = run(workdir, dvc, "repro", env=env).stdout
-    assert "Running stage 'source'" in second  # the data's fingerprint is always taken ...
-    assert not any(f"Running stage '{name}'" in second for name in STAGES)  # ... and nothing else runs
+    second = run(workdir, dvc, "repro", env=env).stdout  # @champion moved to v1: the gate runs against it
+    assert "Running stage 'evaluate'" in second and "Running stage 'train'" not in second
+    third = run(workdir, dvc, "repro", env=env).stdout
+    always = {"source", *(name for name, stage in STAGES.items() if stage.always_changed)}
+    assert all(f"Running stage '{name}'" in third for name in always)  # the data and the champion are always looked up ...
+    assert not any(f"Running stage '{name}'" in third for name in set(STAGES) - always)  # ... and nothing else runs
 
     run(workdir, *git, "add", "-A", env=env)
     run(workdir, *git, "commit", "-qm", "baseline", env=env)
@@ -131,7 +139,7 @@ def test_dvc_runs_the_same_configuration_tracks_the_data_and_keeps_experiments_o
     assert "two-epochs" in run(workdir, dvc, "exp", "show", "--md", env=env).stdout
     assert "macro_f1" in run(workdir, dvc, "metrics", "diff", "--all", env=env).stdout
     plots = json.loads(run(workdir, dvc, "plots", "diff", "two-epochs", "--json", env=env).stdout)["data"]
-    for plot in (f"artifacts/{a.MODEL}/{a.LOSS_CURVES}", f"artifacts/{a.EVAL}/{a.CONFUSION_MATRIX}"):
+    for plot in (f"artifacts/{a.MODEL}/{a.LOSS_CURVES}", f"artifacts/{a.EVAL}/{a.CONFUSION_MATRIX}", f"artifacts/{a.EVAL}/{a.RELIABILITY_DIAGRAM}"):
         assert {revision for image in plots[plot] for revision in image["revisions"]} == {"workspace", "two-epochs"}
 
     # a changed data file re-runs ingest and everything after it

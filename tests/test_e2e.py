@@ -34,6 +34,6 @@ def test_tuneflow_run_promotes_a_real_model(workdir):
     decision = json.loads((artifacts / "promotion" / "decision.json").read_text())
     assert decision["promoted"] and decision["alias"] == "champion" and decision["model_name"] == "e2e-bbc"
     assert Registry().by_alias("e2e-bbc", "champion").version == decision["version"]
-    for stage in ("ingest", "validate", "train", "export", "evaluate", "promote"):
+    for stage in ("ingest", "validate", "train", "export", "champion", "evaluate", "promote"):
         assert f"✔ {stage} done in" in result.stderr
     assert "test macro-F1" in result.stdout and "e2e-bbc v1 @champion" in result.stdout

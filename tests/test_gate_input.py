@@ -89,7 +89,9 @@ def test_binary_junk_and_bad_bytes(workdir):
 
 
 def test_validate_fix_on_the_command_line(workdir):
-    leaky = pd.concat([topic_frame(20), topic_frame(20).assign(text=lambda f: f["text"].str.title())])
+    # one word added: another text, so another place in the split, but a near-duplicate the gate must catch
+    frame = topic_frame(40)
+    leaky = pd.concat([frame, frame.groupby("label").head(8).assign(text=lambda f: f["text"] + " indeed")])
     leaky.to_csv(workdir / "data.csv", index=False)
     write_params(workdir, data={"source": "data.csv", "dedup": False}, validation={"fix": False})  # fail closed
     assert tuneflow(workdir, "ingest").returncode == 0
@@ -104,7 +106,7 @@ def test_validate_fix_on_the_command_line(workdir):
     assert diff["fix"] is True and diff["removed_rows"] > 0
     require_gate_passed(*inputs)  # train may run on the cleaned splits
     # new ingest data (different split): the gate's verdict is stale
-    write_params(workdir, data={"source": "data.csv", "dedup": False, "seed": 7}, validation={"fix": False})
+    write_params(workdir, data={"source": "data.csv", "dedup": False, "split_salt": "another"}, validation={"fix": False})
     assert tuneflow(workdir, "ingest").returncode == 0
     with pytest.raises(InputError, match="not the current ingest data"):
         require_gate_passed(*inputs)

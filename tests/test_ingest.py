@@ -21,16 +21,42 @@ def write_csv(tmp_path, frame, name="data.csv", **options):
     return path
 
 
-def test_csv_roundtrip_stratified_and_deterministic(tmp_path):
+def split_of(data_dir) -> dict[str, str]:
+    return {text: name for name, frame in read_splits(data_dir).items() for text in frame["text"]}
+
+
+def test_csv_roundtrip_deterministic_with_every_class_in_every_split(tmp_path):
     source = write_csv(tmp_path, topic_frame(40))
     first = run(tmp_path, source=str(source))
     splits = read_splits(first.data_dir)
-    assert first.counts == {"train": 84, "validation": 12, "test": 24}
-    assert set(splits["test"]["label"]) == {"sport", "money", "music"}
-    assert splits["test"]["label"].value_counts().nunique() == 1  # stratified: equal per class
+    assert sum(first.counts.values()) == 120
+    assert all(set(splits[name]["label"]) == {"sport", "money", "music"} for name in splits)
     again = ingest(DataConfig(source=str(source)), tmp_path / "again")
     assert again.data_hash == first.data_hash
     assert json.loads((first.data_dir / "data_card.json").read_text())["data_hash"] == first.data_hash
+
+
+def test_stable_split_rows_keep_their_split_as_the_data_grows(tmp_path):
+    grown = topic_frame(300)
+    small = grown.groupby("label").head(100)  # the first third of every class
+    before = split_of(run(tmp_path, source=str(write_csv(tmp_path, small, "small.csv"))).data_dir)
+    after = split_of(ingest(DataConfig(source=str(write_csv(tmp_path, grown, "grown.csv"))), tmp_path / "grown").data_dir)
+    assert before and all(after[text] == name for text, name in before.items())
+    # another salt is another split
+    salted = split_of(ingest(DataConfig(source=str(tmp_path / "small.csv"), split_salt="other"), tmp_path / "salted").data_dir)
+    assert sum(salted[text] != name for text, name in before.items()) > len(before) // 4
+
+
+def test_stable_split_is_stratified_in_expectation_and_repeats_share_a_split(tmp_path):
+    frame = topic_frame(1000)
+    result = run(tmp_path, source=str(write_csv(tmp_path, pd.concat([frame, frame.head(50)]))), dedup=False)
+    test = read_splits(result.data_dir)["test"]
+    for label, count in test["label"].value_counts().items():
+        assert abs(count - 200) < 3 * (1000 * 0.2 * 0.8) ** 0.5, (label, count)  # binomial, 3 sigma
+    assert result.card["split"] == {"method": "hash", "salt": "tuneflow", "validation_fraction": 0.1, "test_fraction": 0.2}
+    splits = read_splits(result.data_dir)
+    places = pd.concat([part.assign(split=name) for name, part in splits.items()]).groupby("text")["split"].nunique()
+    assert places.max() == 1  # the 50 repeated texts each sit in one split
 
 
 def test_dedup_drops_same_text_same_label_but_keeps_conflicts(tmp_path):
@@ -112,7 +138,10 @@ def test_mr_polarity_sample_is_stratified(tmp_path):
     result = run(tmp_path, source=str(MR_CSV), sample=1000)
     counts = {split: sum(per_class.values()) for split, per_class in result.card["class_counts"].items()}
     assert sum(counts.values()) == 1000
-    assert result.card["class_counts"]["train"] == {"negative": 350, "positive": 350}
+    everything = pd.concat(read_splits(result.data_dir).values())
+    assert everything["label"].value_counts().to_dict() == {"negative": 500, "positive": 500}  # data.sample is stratified
+    for count in result.card["class_counts"]["train"].values():  # the hash split, per class: binomial, 3 sigma
+        assert abs(count - 350) < 3 * (500 * 0.7 * 0.3) ** 0.5
 
 
 def test_rows_with_empty_text_or_label_are_dropped_and_counted(tmp_path):
@@ -224,3 +253,26 @@ def test_hf_source_pools_splits_and_maps_class_labels(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda name: asked.append(name) or loaded)
     result = run(tmp_path, source="hf:org/topics", text_column="sentence", label_column="topic")
     assert asked == ["org/topics"] and result.labels == names and result.card["rows_kept"] == 30
+
+
+def test_slice_columns_are_carried_into_every_split_and_a_missing_one_is_named(tmp_path):
+    frame = topic_frame(20).assign(site=lambda f: ["web", "print"] * (len(f) // 2))
+    frame.loc[3, "site"] = ""
+    result = run(tmp_path, source=str(write_csv(tmp_path, frame)), slice_columns=["site"])
+    everything = pd.concat(read_splits(result.data_dir).values())
+    assert list(everything.columns) == ["text", "label", "site"] and result.card["slice_columns"] == ["site"]
+    assert set(everything["site"]) == {"web", "print", "(missing)"}
+    from tasks.validate import validate
+    from tuneflow.config import ValidationConfig
+
+    gate = validate(result.data_dir, ValidationConfig(min_total_rows=0), tmp_path / "gate")  # the schema includes `site`
+    assert gate.passed and pd.read_parquet(tmp_path / "gate" / "data" / "test.parquet").columns.tolist() == ["text", "label", "site"]
+    with pytest.raises(InputError, match=r"slice column 'region' not found \(data.slice_columns\); columns found: text, label, site"):
+        ingest(DataConfig(source=str(tmp_path / "data.csv"), slice_columns=["region"]), tmp_path / "again")
+    folder = tmp_path / "folder" / "sport"
+    folder.mkdir(parents=True)
+    (folder / "a.txt").write_text("goal")
+    with pytest.raises(InputError, match="a folder source has no columns to slice by"):
+        ingest(DataConfig(source=str(tmp_path / "folder"), slice_columns=["site"]), tmp_path / "dir")
+    with pytest.raises(ValueError, match="name the splits' own columns"):
+        DataConfig(slice_columns=["label"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import gated_params, stage_inputs, topic_frame
-from tuneflow.config import EvaluateConfig, ExportConfig, ModelConfig, Params, TrainConfig
+from tuneflow.config import ExportConfig, ModelConfig, Params, TrainConfig
 from tuneflow.errors import InputError
 from tuneflow.methods import METHODS
 
@@ -34,8 +34,7 @@ def test_the_table_has_every_method():
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
-def test_method_trains_exports_with_parity_and_evaluates(tiny_model, gated, tmp_path, method):
-    from tasks.evaluate import evaluate
+def test_method_trains_and_exports_with_parity(tiny_model, gated, tmp_path, method):
     from tasks.export import export
     from tasks.train import train
 
@@ -54,16 +53,12 @@ def test_method_trains_exports_with_parity_and_evaluates(tiny_model, gated, tmp_
     export_cfg = ExportConfig(parity_batch_size=8)
     parity = export(tmp_path / "model", gated["gated_data"], model_cfg, export_cfg, tmp_path / "export").parity
     assert parity["passed"], parity
-    metrics = evaluate(tmp_path / "export", gated["gated_data"], EvaluateConfig(latency_samples=5, latency_warmup=1,
-                                                                     min_accuracy=0, min_macro_f1=0), tmp_path / "eval").metrics
-    # the gate scored this method's shipped ONNX file on the test split
+    # the shipped file runs in ONNX Runtime on the test texts (the gate itself is tested in test_stages.py)
     from tuneflow.data import read_splits
     from tuneflow.onnx_runtime import OnnxClassifier
 
     test = read_splits(gated["gated_data"])["test"]
-    predicted = OnnxClassifier.from_export(tmp_path / "export").predict(test["text"].tolist())
-    assert metrics["test_rows"] == len(test)
-    assert metrics["accuracy"] == pytest.approx(sum(map(str.__eq__, predicted, test["label"])) / len(test))
+    assert OnnxClassifier.from_export(tmp_path / "export").logits(test["text"].tolist()).shape == (len(test), 3)
     serving = json.loads((tmp_path / "export" / "assets" / "serving.json").read_text())
     assert serving["method_export"] == ("wrapper" if method in WRAPPED else "merged")
 

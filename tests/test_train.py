@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -164,8 +165,8 @@ def test_sigkilled_training_resumes_from_the_last_checkpoint(tiny_model, workdir
     assert "resuming from checkpoint" in second.stderr
     summary = json.loads((workdir / "artifacts" / "model" / "train_summary.json").read_text())
     assert summary["resumed_from_step"] >= 30
-    # 42 training rows, batch 2: 21 steps per epoch, 12 epochs
-    assert summary["optimizer_steps"] == summary["planned_optimizer_steps"] == 21 * 12
+    train_rows = len(pd.read_parquet(workdir / "artifacts" / "validation" / "data" / "train.parquet"))
+    assert summary["optimizer_steps"] == summary["planned_optimizer_steps"] == -(-train_rows // 2) * 12  # batch 2, 12 epochs
     assert not list((workdir / ".tuneflow").glob("*/checkpoints/*"))  # pruned after success
 
 

@@ -21,6 +21,7 @@ MODEL = "model"
 EXPORT = "export"
 EVAL = "eval"
 PROMOTION = "promotion"
+CHAMPION = "champion"
 SOURCE_FINGERPRINT = "source.json"  # what the DVC `source` stage records of data.source (see cli/dvc_yaml.py)
 
 # files inside them
@@ -39,6 +40,10 @@ SERVING = "serving.json"
 PARITY = "parity.json"
 VERDICT = "verdict.json"
 CONFUSION_MATRIX = "plots/confusion_matrix.png"
+RELIABILITY_DIAGRAM = "plots/reliability.png"
+LATENCY_HISTOGRAM = "plots/latency.png"
+PERTURBED = "robustness.parquet"  # every perturbed test text and the ONNX model's prediction
+CHAMPION_RECORD = "champion.json"
 DECISION = "decision.json"
 RESOLVED_PARAMS = "resolved_params.yaml"  # in the MLflow run
 COMPARE = "compare"  # `tuneflow compare`: <root>/compare/<method>/ artifact roots and the comparison

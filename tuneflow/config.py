@@ -27,9 +27,19 @@ class DataConfig(Section):
     dedup: bool = True
     validation_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     test_fraction: float = Field(default=0.2, gt=0, lt=0.5)
-    seed: int = 42
+    split_salt: str = "tuneflow"  # a row's split is a function of its folded text and this salt (tuneflow/text.py)
+    seed: int = 42  # data.sample's draw
+    slice_columns: list[str] = []  # metadata columns carried through the pipeline; evaluate reports metrics per value
     max_invalid_fraction: float = Field(default=0.1, ge=0, le=1)
     encoding: str = "utf-8"
+
+    @field_validator("slice_columns")
+    @classmethod
+    def _not_reserved(cls, columns: list[str]) -> list[str]:
+        reserved = sorted({"text", "label"} & set(columns))
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} name the splits' own columns; a slice column needs another name")
+        return columns
 
 
 class ValidationConfig(Section):
@@ -120,15 +130,30 @@ class ExportConfig(Section):
 class EvaluateConfig(Section):
     min_accuracy: float = Field(default=0.85, ge=0, le=1)
     min_macro_f1: float = Field(default=0.85, ge=0, le=1)
+    bootstrap_resamples: int = Field(default=1000, ge=1000)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    seed: int = Field(default=0, ge=0)  # bootstrap and perturbations
+    non_inferiority_margin: float = Field(default=0.02, ge=0, le=1)  # vs the champion: CI lower bound of the macro-F1 difference
+    require_beats_baseline: bool = False  # true: the macro-F1 gain over TF-IDF + logistic regression must have its CI above 0
+    perturbation_rate: float = Field(default=0.1, gt=0, le=1)  # fraction of eligible words each perturbation edits
+    max_flip_rate: float = Field(default=0.1, ge=0, le=1)
+    max_accuracy_drop: float = Field(default=0.05, ge=0, le=1)
+    min_slice_support: int = Field(default=30, ge=1)  # smaller slices are reported, not gated
+    max_slice_f1_gap: float = Field(default=0.1, ge=0, le=1)
+    calibration_bins: int = Field(default=15, ge=2)
+    max_ece: float = Field(default=0.1, ge=0, le=1)  # reported as a warning, never gating
     max_latency_p95_ms: float = Field(default=100.0, gt=0)
-    latency_samples: int = Field(default=500, ge=1)
-    latency_warmup: int = Field(default=20, ge=0)
+    max_latency_p99_ms: float = Field(default=200.0, gt=0)
+    latency_samples: int = Field(default=1000, ge=1000)
+    latency_warmup: int = Field(default=50, ge=0)
+    throughput_batch_size: int = Field(default=32, ge=1)
+    throughput_texts: int = Field(default=512, ge=1)
+    pytorch_reference: bool = True  # also profile the PyTorch model on the same texts (the reference ratio)
     threads: int | None = Field(default=None, ge=1)
 
 
 class PromoteConfig(Section):
     model_name: str = Field(default="tuneflow-bbc-news", min_length=1)
-    max_f1_drop: float = Field(default=0.01, ge=0, le=1)
     # a `dvc exp run` registers its model as a challenger only; true lets an experiment move @champion
     champion_from_experiments: bool = False
 
