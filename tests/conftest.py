@@ -23,7 +23,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    """A 2-layer, 32-wide BERT with random weights and the MiniLM tokenizer, saved like a hub model."""
+    """A 2-layer, 32-wide BERT with seeded random weights and the MiniLM tokenizer, saved like a hub model."""
+    import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from tuneflow.models import resolve_base
@@ -33,6 +34,7 @@ def tiny_model(tmp_path_factory) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(resolve_base(BUILTIN_MINILM))
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)  # the same tiny model in every session: a test's outcome never depends on the draw
     BertForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

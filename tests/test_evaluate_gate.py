@@ -16,6 +16,10 @@ class KeywordModel:
         return np.array([[0.0, 1.0] if "good" in text.lower().split() else [1.0, 0.0] for text in texts])
 
     @staticmethod
+    def token_ids(texts):
+        return [text.lower().split() for text in texts]
+
+    @staticmethod
     def tokenizer(texts, truncation=False):
         return {"input_ids": [text.split() for text in texts]}
 
@@ -32,7 +36,8 @@ def test_robustness_counts_flips_per_perturbation_and_stores_every_perturbed_tex
     found = robustness(model, texts, scored(model, texts, truth), EvaluateConfig(perturbation_rate=1.0), tmp_path / "r.parquet")
     per = found["perturbations"]
     assert per["char_delete"]["flip_rate"] == 0.5 and per["char_delete"]["accuracy_drop"] == 0.5  # every "good" broken
-    assert per["case_change"]["flip_rate"] == per["extra_whitespace"]["flip_rate"] == 0.0  # the model ignores them
+    assert per["case_change"]["flip_rate"] == per["extra_whitespace"]["flip_rate"] == 0.0  # the model ignores them ...
+    assert per["case_change"]["inputs_changed"] == 0 and per["case_change"]["texts_changed"] == len(texts)  # ... so never runs them
     assert found["worst_flip"]["flip_rate"] == 0.5
     stored = pd.read_parquet(tmp_path / "r.parquet")
     assert len(stored) == 7 * len(texts) and (stored.query("perturbation == 'char_delete'")["text"].tolist() != texts)

@@ -71,7 +71,7 @@ def test_an_absent_class_is_reported_absent_and_left_out_of_macro_f1():
     assert measured["absent_labels"] == ["c"] and measured["per_class"]["c"]["f1"] is None
     assert measured["per_class"]["c"]["support"] == 0
     f1_a, f1_b = measured["per_class"]["a"]["f1"], measured["per_class"]["b"]["f1"]
-    assert measured["macro_f1"]["value"] == pytest.approx((f1_a + f1_b) / 2)  # not (f1_a + f1_b + 0) / 3
+    assert measured["macro_f1"] == measured["intervals"]["macro_f1"]["value"] == pytest.approx((f1_a + f1_b) / 2)  # not (f1_a + f1_b + 0) / 3
     # one-vs-rest over the present classes: a ranks 25 of 30 above every b and ties 5 (11/12); b separates fully
     assert measured["roc_auc"] == pytest.approx((11 / 12 + 1) / 2) and np.isfinite(measured["log_loss"])
 

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -99,6 +100,9 @@ def test_onnx_accepts_other_batch_and_sequence_sizes(tiny_model, workdir):
     model = OnnxClassifier.from_export(layout.export)
     texts = ["goal", "a much longer text about the market and shares and profit " * 3] + ["album"] * 7
     assert model.logits(texts, batch_size=9).shape == (9, 3)
+    # batches are formed by length; the rows still come back in the order of the texts
+    one_by_one = np.concatenate([model.logits([text]) for text in texts])
+    np.testing.assert_allclose(model.logits(texts, batch_size=4), one_by_one, atol=1e-5)
 
 
 def test_training_refused_when_the_gate_failed(tiny_model, workdir):
@@ -127,7 +131,7 @@ def test_promotion_rules_against_the_registry(tiny_model, workdir):
     layout = run_until(params, "promote")
     registry = Registry()
     first = json.loads((layout.promotion / "decision.json").read_text())
-    assert first["promoted"] and first["alias"] == "champion" and first["previous_champion"] is None
+    assert first["promoted"] and first["alias"] == "champion" and first["previous_champion"] is None, first
     assert "first model for this name" in first["reasons"][0]
     champion = registry.by_alias("tiny", "champion")
     assert champion.version == first["version"] == "1"

@@ -133,7 +133,7 @@ class EvaluateConfig(Section):
     bootstrap_resamples: int = Field(default=1000, ge=1000)
     confidence: float = Field(default=0.95, gt=0.5, lt=1)
     seed: int = Field(default=0, ge=0)  # bootstrap and perturbations
-    non_inferiority_margin: float = Field(default=0.02, ge=0, le=1)  # vs the champion: CI lower bound of the macro-F1 difference
+    non_inferiority_margin: float = Field(default=0.03, ge=0, le=1)  # vs the champion: CI lower bound of the macro-F1 difference
     require_beats_baseline: bool = False  # true: the macro-F1 gain over TF-IDF + logistic regression must have its CI above 0
     perturbation_rate: float = Field(default=0.1, gt=0, le=1)  # fraction of eligible words each perturbation edits
     max_flip_rate: float = Field(default=0.1, ge=0, le=1)

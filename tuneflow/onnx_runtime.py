@@ -43,10 +43,20 @@ class OnnxClassifier:
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="np")
         return {name: encoded[name].astype(np.int64) for name in INPUT_NAMES}
 
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """The model's input ids per text (truncated as in `encode`): equal ids give equal logits."""
+        return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+
     def logits(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        outputs = [self.session.run(["logits"], self.encode(texts[start : start + batch_size]))[0]
+        """Logits in the order of `texts`; batches are formed by text length, so little compute goes to padding."""
+        order = np.argsort([len(text) for text in texts], kind="stable")
+        outputs = [self.session.run(["logits"], self.encode([texts[i] for i in order[start : start + batch_size]]))[0]
                    for start in range(0, len(texts), batch_size)]
-        return np.concatenate(outputs, axis=0)
+        if not outputs:
+            return np.empty((0, len(self.labels)), dtype=np.float32)
+        logits = np.empty_like(np.concatenate(outputs, axis=0))
+        logits[order] = np.concatenate(outputs, axis=0)
+        return logits
 
     def predict(self, texts: list[str]) -> list[str]:
         return [self.labels[index] for index in self.logits(texts).argmax(axis=-1)]

@@ -68,7 +68,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def quality(labels: list[str], truth: list[str], probabilities: np.ndarray, bootstrap: Bootstrap, bins: int) -> dict[str, Any]:
-    """Accuracy and macro-F1 with intervals, per-class scores, ROC-AUC, log loss and calibration."""
+    """Accuracy and macro-F1 (point values, and `intervals`), per-class scores, ROC-AUC, log loss and calibration."""
     from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support, roc_auc_score
 
     index = {label: position for position, label in enumerate(labels)}
@@ -87,9 +87,12 @@ def quality(labels: list[str], truth: list[str], probabilities: np.ndarray, boot
         roc_auc = (float(roc_auc_score(true_index == 1, probabilities[:, 1])) if not absent else None)
     else:  # one-vs-rest, macro over the classes with test rows
         roc_auc = float(np.mean([roc_auc_score(true_index == label, probabilities[:, label]) for label in present])) if len(present) > 1 else None
+    intervals = {"accuracy": bootstrap.interval(accuracy_along, true_index, predicted_index),
+                 "macro_f1": bootstrap.interval(lambda t, p, axis: macro_f1_along(t, p, present, axis), true_index, predicted_index)}
     return {
-        "accuracy": bootstrap.interval(accuracy_along, true_index, predicted_index),
-        "macro_f1": bootstrap.interval(lambda t, p, axis: macro_f1_along(t, p, present, axis), true_index, predicted_index),
+        "accuracy": intervals["accuracy"]["value"],
+        "macro_f1": intervals["macro_f1"]["value"],
+        "intervals": intervals,
         "per_class": per_class,
         "absent_labels": absent,
         "roc_auc": roc_auc,
