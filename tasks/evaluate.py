@@ -48,6 +48,13 @@ class Scored:
     def macro_f1(self, predicted: np.ndarray | None = None) -> float:
         return float(macro_f1_along(self.truth, self.predicted if predicted is None else predicted, self.present))
 
+    def macro_f1_difference(self, other: np.ndarray, bootstrap: Bootstrap) -> dict[str, Any]:
+        """This model's macro-F1 minus another's predictions' on the same rows, with its paired interval."""
+        def difference(truth, ours, theirs, axis):
+            return macro_f1_along(truth, ours, self.present, axis) - macro_f1_along(truth, theirs, self.present, axis)
+
+        return bootstrap.interval(difference, self.truth, self.predicted, other)
+
 
 def evaluate(export_dir: Path, model_dir: Path, data_dir: Path, champion_dir: Path, model_cfg: ModelConfig,
              cfg: EvaluateConfig, out_dir: Path) -> EvaluateResult:
@@ -126,9 +133,7 @@ def load_onnx(onnx_path: Path, assets_dir: Path, threads: int | None) -> OnnxCla
 def baseline_comparison(train: pd.DataFrame, texts: list[str], labels: list[str], scored: Scored, bootstrap: Bootstrap) -> dict[str, Any]:
     probabilities = baseline_probabilities(train["text"].tolist(), train["label"].tolist(), texts, labels)
     predicted = probabilities.argmax(axis=-1)
-    difference = bootstrap.interval(
-        lambda truth, ours, theirs, axis: macro_f1_along(truth, ours, scored.present, axis) - macro_f1_along(truth, theirs, scored.present, axis),
-        scored.truth, scored.predicted, predicted)
+    difference = scored.macro_f1_difference(predicted, bootstrap)
     return {"model": "TF-IDF word 1-2-grams + logistic regression, fit on train", "macro_f1": scored.macro_f1(predicted),
             "accuracy": float((predicted == scored.truth).mean()), "macro_f1_difference": difference}
 
@@ -224,9 +229,7 @@ def compare_with_champion(record: dict[str, Any], onnx_sha256: str, split: dict[
         if champion.labels != labels:
             return base | {"reason": f"champion v{version} predicts labels {champion.labels}, the candidate {labels}"}
         predicted = champion.logits(texts).argmax(axis=-1)
-    difference = bootstrap.interval(
-        lambda truth, ours, theirs, axis: macro_f1_along(truth, ours, scored.present, axis) - macro_f1_along(truth, theirs, scored.present, axis),
-        scored.truth, scored.predicted, predicted)
+    difference = scored.macro_f1_difference(predicted, bootstrap)
     return base | {"paired": True, "macro_f1": scored.macro_f1(predicted), "macro_f1_difference": difference,
                    "disagreement": float((predicted != scored.predicted).mean())}
 
