@@ -11,6 +11,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from cli import registry
+from cli import serve as serve_command
 from tuneflow import progress
 from tuneflow.errors import TuneflowError
 
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     dvc_yaml.add_argument("--output", default="dvc.yaml")
     dvc_yaml.add_argument("--check", action="store_true", help="exit 2 if the file differs from what the table generates")
     commands.add_parser("fingerprint", help="record the content hash of data.source (the `source` stage of dvc.yaml)")
+    registry.add_parser(commands)
+    serve_command.add_arguments(commands.add_parser("serve", help="HTTP inference from the registry's @champion (FastAPI, ONNX Runtime)"))
     for stage in STAGES.values():
         command = commands.add_parser(stage.name, parents=[overrides], help=f"{stage.help} (dvc.yaml calls this)")
         for flag, (key, help_text) in stage.flags.items():
@@ -78,6 +82,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from cli.dvc_yaml import write_dvc_yaml
 
         return write_dvc_yaml(load_params(args.params), Path(args.output), check=args.check)
+    if args.command == "registry":
+        return registry.run(args)
+    if args.command == "serve":
+        return serve_command.serve(args)
     if args.command == "fingerprint":
         from cli.dvc_yaml import write_fingerprint
 

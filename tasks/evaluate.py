@@ -59,6 +59,9 @@ class Scored:
 def evaluate(export_dir: Path, model_dir: Path, data_dir: Path, champion_dir: Path, model_cfg: ModelConfig,
              cfg: EvaluateConfig, out_dir: Path) -> EvaluateResult:
     parity = read_json(export_dir / artifacts.PARITY)
+    if not parity["passed"]:
+        raise InputError(f"{export_dir / artifacts.PARITY}: the export failed parity ({', '.join(parity.get('failed', [])) or 'ONNX vs PyTorch'}); "
+                         f"evaluate refuses it (its {artifacts.REPORT} lists the worst rows)")
     onnx_path = export_dir / parity.get("onnx_file", artifacts.ONNX_MODEL)
     onnx_sha256 = shipped_file_hash(onnx_path, parity)
     model = load_onnx(onnx_path, export_dir / artifacts.ASSETS, cfg.threads)

@@ -152,9 +152,9 @@ def split(frame: pd.DataFrame, cfg: DataConfig) -> dict[str, pd.DataFrame]:
     data grows, and repeats of a text share one split. Every class is cut at the same thresholds, so each is
     stratified in expectation (binomial spread: a class of n rows gets about n·f ± √(n·f·(1−f)) test rows)."""
     position = frame["text"].map(lambda text: split_position(text, cfg.split_salt))
-    test = position < cfg.test_fraction
-    validation = ~test & (position < cfg.test_fraction + cfg.validation_fraction)
     ordered = frame.assign(position=position).sort_values("position", kind="stable")  # row order independent of the file's
+    test = ordered["position"] < cfg.test_fraction
+    validation = ~test & (ordered["position"] < cfg.test_fraction + cfg.validation_fraction)
     parts = (ordered[~test & ~validation], ordered[validation], ordered[test])
     return {name: part.drop(columns="position").reset_index(drop=True) for name, part in zip(SPLITS, parts)}
 

@@ -1,15 +1,17 @@
 """Stage 6 — promote: register the ONNX model, alias it `challenger`, move `champion` only if the verdict says so.
 
 Promote decides nothing itself: the evaluation verdict (absolute thresholds and the paired comparison with the
-champion) is the decision. It refuses, with the registry untouched, a verdict that is not about the ONNX file it
-would register, about other test data, or about another champion than the current one. A candidate whose ONNX
-file is byte for byte the current champion's is not registered again. A `dvc exp run` registers a challenger
-only, unless `promote.champion_from_experiments` is set. Writes decision.json and report.md into its output
-folder (artifacts/promotion/).
-"""
+champion) is the decision. It refuses a verdict that is not about the ONNX file it would register or about other
+test data (registry untouched), or about another champion than the current one (recorded in the history as
+`refused`). Then it writes, under the model's registry lock: the version (reused when this exact artifact — ONNX
+file, data, params — was registered before; none when it already is the champion), @challenger, @champion, each
+alias move with its history entry. A failure at any step leaves @champion where it was, tags the version
+`promotion=failed: ...` and ends with one line. A `dvc exp run` registers a challenger only, unless
+`promote.champion_from_experiments` is set. Writes decision.json and report.md into artifacts/promotion/."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from dataclasses import dataclass
@@ -20,12 +22,18 @@ from tuneflow import artifacts
 from tuneflow.artifacts import content_hash, read_json, write_json
 from tuneflow.config import Params
 from tuneflow.errors import InputError
-from tuneflow.registry import CHALLENGER, CHAMPION, Registry, Version, redact
+from tuneflow.models import base_weights_sha256
+from tuneflow.registry import CHALLENGER, CHAMPION, PROMOTION_TAG, Registry, RegistryError, Version, history_entry, redact, safe_key
 
 
 @dataclass(frozen=True)
 class PromoteResult:
     decision: dict[str, Any]
+    error: RegistryError | None = None  # a registry write failed: @champion stayed where it was
+
+    def failure(self, published: Path) -> RegistryError | None:
+        """Raised by the stage runner once decision.json (which records the failure) is published."""
+        return self.error
 
 
 def decide(verdict: dict[str, Any]) -> tuple[bool, list[str]]:
@@ -37,8 +45,8 @@ def decide(verdict: dict[str, Any]) -> tuple[bool, list[str]]:
     return True, [f"evaluation gate passed; {champion['reason']}"]
 
 
-def check_custody(verdict: dict[str, Any], verdict_path: Path, onnx_path: Path, data_hash: str, current: Version | None) -> str:
-    """The verdict must be about this file, this test data and the current champion; returns the file's sha256."""
+def check_file_custody(verdict: dict[str, Any], verdict_path: Path, onnx_path: Path, data_hash: str) -> str:
+    """The verdict must be about this file and this test data; returns the file's sha256."""
     onnx_sha256 = content_hash(onnx_path)
     if onnx_sha256 is None:
         raise InputError(f"{onnx_path}: missing; run `tuneflow export`")
@@ -47,53 +55,63 @@ def check_custody(verdict: dict[str, Any], verdict_path: Path, onnx_path: Path, 
                          f"{onnx_path} is {onnx_sha256[:12]}; run `tuneflow evaluate` on this export first")
     if verdict.get("data_hash") != data_hash:
         raise InputError(f"{verdict_path}: the verdict is about other test data than the gated splits; run `tuneflow evaluate` first")
+    return onnx_sha256
+
+
+def check_champion_custody(verdict: dict[str, Any], verdict_path: Path, current: Version | None, registry: Registry, name: str) -> None:
+    """The verdict must have compared with the live champion; a refusal is recorded in the history (a decision too)."""
     judged = (verdict.get("champion") or {}).get("version")
     now = current.version if current else None
-    if judged != now:
-        raise InputError(f"{verdict_path}: the verdict compared with champion {f'v{judged}' if judged else 'none'}, but @champion is "
-                         f"{f'v{now}' if now else 'none'} now; run `tuneflow champion` and `tuneflow evaluate` again")
-    return onnx_sha256
+    if judged == now:
+        return
+    message = (f"{verdict_path}: the verdict compared with champion {f'v{judged}' if judged else 'none'}, but @champion is "
+               f"{f'v{now}' if now else 'none'} now; run `tuneflow champion` and `tuneflow evaluate` again")
+    registry.append_history(name, history_entry(CHAMPION, now, now, action="refused", reason=message))
+    raise InputError(message)
 
 
 def promote(params: Params, validation_dir: Path, model_dir: Path, export_dir: Path, eval_dir: Path, out_dir: Path,
             run_name: str = "params.yaml", experiment: str | None = None, registry: Registry | None = None) -> PromoteResult:
+    """Decide from the verdict, then write: register (or reuse) the version and move the aliases under the model's lock."""
     registry = registry or Registry()
     name = params.promote.model_name
     gated_data = validation_dir / artifacts.GATED_DATA
-    verdict = read_json(eval_dir / artifacts.VERDICT)
-    metrics = read_json(eval_dir / artifacts.METRICS)
+    verdict_path = eval_dir / artifacts.VERDICT
+    verdict, metrics = read_json(verdict_path), read_json(eval_dir / artifacts.METRICS)
     summary = read_json(model_dir / artifacts.TRAIN_SUMMARY)
     card = read_json(gated_data / artifacts.DATA_CARD)
     parity = read_json(export_dir / artifacts.PARITY)
     onnx_path = export_dir / parity.get("onnx_file", artifacts.ONNX_MODEL)
-    current = registry.by_alias(name, CHAMPION)
-    onnx_sha256 = check_custody(verdict, eval_dir / artifacts.VERDICT, onnx_path, card["data_hash"], current)
-    if verdict["passed"] and current is not None and current.tags.get("onnx_sha256") == onnx_sha256:
-        return finish(out_dir, already_champion(current, metrics["macro_f1"], onnx_sha256, registry))
+    if not parity.get("passed"):
+        raise InputError(f"{export_dir / artifacts.PARITY}: the export failed parity; it is never registered (run `tuneflow export` again)")
+    onnx_sha256 = check_file_custody(verdict, verdict_path, onnx_path, card["data_hash"])
 
     promoted, reasons = decide(verdict)
     if experiment is not None and not params.promote.champion_from_experiments:
         reasons = [f"DVC experiment {experiment}: registered as challenger only (@champion moves from an experiment "
                    f"only with promote.champion_from_experiments=true)"] + reasons
         promoted = False
-
     tags = {
         "data_hash": card["data_hash"],
         "split": json.dumps(card["split"], sort_keys=True),
         "split_salt": card["split"]["salt"],
         "git_commit": git_commit(),
+        "params_hash": params.section_hash(),
         "method": summary["method"],
         "base_model": summary["base_model"],
-        "params_hash": params.section_hash(),
+        "base_model_sha256": base_weights_sha256(summary["base_model"]),
+        "onnx_sha256": onnx_sha256,
+        "onnx_opset": str(parity.get("opset", params.export.opset)),
+        "shipped_file": onnx_path.name,
         "pipeline": run_name,
         "verdict": "passed" if verdict["passed"] else "failed",
         "verdict_summary": verdict["summary"],
         "test_macro_f1": f"{metrics['macro_f1']:.6f}",
-        "onnx_sha256": onnx_sha256,
         **({"experiment": experiment} if experiment else {}),
     }
+    identity = {key: tags[key] for key in ("onnx_sha256", "data_hash", "params_hash")}
     resolved = params.model_dump(mode="json")
-    version, run_id = registry.log_candidate(
+    candidate = dict(
         model_name=name,
         onnx_path=onnx_path,
         extra_files=sorted(path for path in (export_dir / artifacts.ASSETS).iterdir() if path.is_file()),
@@ -105,26 +123,50 @@ def promote(params: Params, validation_dir: Path, model_dir: Path, export_dir: P
                    model_dir / artifacts.TRAIN_SUMMARY, model_dir / artifacts.LOSS_CURVES, model_dir / artifacts.REPORT,
                    export_dir / artifacts.PARITY, eval_dir],
         resolved_params=resolved,
-        tags=tags,
+        tags=tags | {PROMOTION_TAG: "pending"},
     )
-    registry.set_alias(version, CHALLENGER)
-    if promoted:
-        registry.set_alias(version, CHAMPION)
-    champion = metrics["champion"]
-    decision = {
-        "promoted": promoted,
-        "model_name": name,
-        "version": version.version,
-        "alias": CHAMPION if promoted else CHALLENGER,
-        "previous_champion": current.version if current else None,
-        "reasons": reasons,
-        "candidate_macro_f1": metrics["macro_f1"],
-        "champion_macro_f1": champion.get("macro_f1"),
-        "run_id": run_id,
-        "tracking_uri": redact(registry.uri),
-        "tags": tags,
-    }
+
+    with registry.lock(name):
+        current = registry.by_alias(name, CHAMPION)
+        check_champion_custody(verdict, verdict_path, current, registry, name)
+        if verdict["passed"] and current is not None and current.tags.get("onnx_sha256") == onnx_sha256:
+            return finish(out_dir, already_champion(current, metrics["macro_f1"], onnx_sha256, registry))
+        decision = {"promoted": promoted, "model_name": name, "version": None, "alias": CHAMPION if promoted else CHALLENGER,
+                    "previous_champion": current.version if current else None, "reasons": reasons,
+                    "candidate_macro_f1": metrics["macro_f1"], "champion_macro_f1": metrics["champion"].get("macro_f1"),
+                    "run_id": None, "tracking_uri": redact(registry.uri), "tags": tags}
+        try:
+            version = registry.find_version(name, identity)
+            if version is None:
+                version = registry.log_candidate(**candidate)
+            else:
+                decision["reasons"] = [f"the same artifact (ONNX file, data and params) is v{version.version} already: "
+                                       f"reused, nothing registered"] + reasons
+                registry.tag_version(version, candidate["tags"])
+            decision.update(version=version.version, run_id=version.run_id)
+            move_aliases(registry, version, promoted, "; ".join(reasons))
+        except RegistryError as error:
+            with contextlib.suppress(RegistryError):  # registered, then failed: mark it (the next run reuses it)
+                failed = registry.find_version(name, identity)
+                if failed is not None:
+                    registry.tag_version(failed, {PROMOTION_TAG: f"failed: {error}"[:5000]})
+            return finish(out_dir, decision | {"promoted": False, "alias": None, "failed": str(error)}, error)
     return finish(out_dir, decision)
+
+
+def move_aliases(registry: Registry, version: Version, promoted: bool, reason: str) -> None:
+    """@challenger, then @champion if promoted, each with its history entry; on a failure the moves made are reverted."""
+    moved: list[dict[str, Any]] = []
+    try:
+        for alias in (CHALLENGER, CHAMPION) if promoted else (CHALLENGER,):
+            moved.append(registry.move_alias(version.name, alias, version.version, reason=reason, run_id=version.run_id))
+        registry.tag_version(version, {PROMOTION_TAG: "done"})
+    except RegistryError as error:
+        for entry in reversed(moved):
+            with contextlib.suppress(RegistryError):
+                registry.move_alias(version.name, entry["alias"], entry["from_version"], run_id=version.run_id, action="revert",
+                                    reason=f"promotion of v{version.version} failed: {error}")
+        raise
 
 
 def already_champion(current: Version, macro_f1: float, onnx_sha256: str, registry: Registry) -> dict[str, Any]:
@@ -143,16 +185,17 @@ def already_champion(current: Version, macro_f1: float, onnx_sha256: str, regist
     }
 
 
-def finish(out_dir: Path, decision: dict[str, Any]) -> PromoteResult:
+def finish(out_dir: Path, decision: dict[str, Any], error: RegistryError | None = None) -> PromoteResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / artifacts.DECISION, decision)
     (out_dir / artifacts.REPORT).write_text(render_report(decision), encoding="utf-8")
-    return PromoteResult(decision)
+    return PromoteResult(decision, error)
 
 
 def render_report(decision: dict[str, Any]) -> str:
-    reasons = "\n".join(f"- {reason}" for reason in decision["reasons"])
-    return (f"# Promotion: {'PROMOTED' if decision['promoted'] else 'NOT PROMOTED'}\n\n"
+    reasons = "\n".join(f"- {reason}" for reason in decision["reasons"] + ([f"FAILED: {decision['failed']}"] if "failed" in decision else []))
+    outcome = "FAILED" if "failed" in decision else "PROMOTED" if decision["promoted"] else "NOT PROMOTED"
+    return (f"# Promotion: {outcome}\n\n"
             f"`{decision['model_name']}` v{decision['version']} → @{decision['alias']} "
             f"(previous champion: {decision['previous_champion'] or 'none'})\n\n{reasons}\n")
 
@@ -183,7 +226,7 @@ def run_metrics(metrics: dict[str, Any], summary: dict[str, Any], parity: dict[s
         "rows_test": card["counts"]["test"],
         "rows_dropped_duplicates": card["dropped"]["duplicates"],
     }
-    values.update({f"test_f1_{label}": row["f1"] for label, row in metrics["per_class"].items() if row["f1"] is not None})
+    values.update({safe_key("test_f1_", label): row["f1"] for label, row in metrics["per_class"].items() if row["f1"] is not None})
     return {key: float(value) for key, value in values.items()}
 
 

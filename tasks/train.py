@@ -144,6 +144,7 @@ def train(gated_data: Path, gate_report: Path, ingest_card: Path, model_cfg: Mod
     from transformers import set_seed
 
     from tuneflow import distributed
+    from tuneflow.trained import texts_hash, write_logits
 
     require_gate_passed(gate_report, gated_data, ingest_card)
     if cfg.distributed != "none" and not distributed.launched():
@@ -181,6 +182,9 @@ def train(gated_data: Path, gate_report: Path, ingest_card: Path, model_cfg: Mod
         trainer.save_model(str(final))  # on every rank: ZeRO-3 gathers the shards here
     elif trainer.is_world_process_zero():
         method.save(trainer.model, final)
+    validation_texts = splits["validation"]["text"].tolist()
+    # on every rank: under ZeRO-3 each forward gathers the sharded weights from all of them
+    validation_logits = trained_logits(trainer, tokenizer, validation_texts, max_length, cfg.eval_batch_size)
     if not trainer.is_world_process_zero():
         return TrainResult(out_dir, {}, publish=False)
 
@@ -188,7 +192,9 @@ def train(gated_data: Path, gate_report: Path, ingest_card: Path, model_cfg: Mod
         "max_length": max_length, "max_length_source": max_length_source, "train_time_s": round(train_seconds, 2),
         "train_samples_per_s": round(len(train_set) * (trainer.state.epoch - resumed["epoch"]) / train_seconds, 2),
         "planned_optimizer_steps": total_steps, "bf16": bf16, "world_size": world,
-        "train_rows": len(train_set), "validation_rows": len(validation_set)}
+        "train_rows": len(train_set), "validation_rows": len(validation_set),
+        "validation_logits": {"file": artifacts.VALIDATION_LOGITS, "shape": list(validation_logits.shape),
+                              "texts_sha256": texts_hash(validation_texts)}}
     for warning in summary["diagnostics"]["warnings"]:
         progress.say(f"[tuneflow] warning: {warning}")
     from tuneflow.training import plot_curves
@@ -197,11 +203,23 @@ def train(gated_data: Path, gate_report: Path, ingest_card: Path, model_cfg: Mod
     for path in final.iterdir():
         shutil.copy2(path, out_dir / path.name)
     tokenizer.save_pretrained(out_dir)
+    write_logits(out_dir / artifacts.VALIDATION_LOGITS, validation_logits)
     plot_curves(summary["log_history"], out_dir / artifacts.LOSS_CURVES)
     (out_dir / artifacts.REPORT).write_text(render_report(summary), encoding="utf-8")
     write_json(out_dir / artifacts.TRAIN_SUMMARY, summary)
     shutil.rmtree(run_dir, ignore_errors=True)
     return TrainResult(out_dir, summary)
+
+
+def trained_logits(trainer, tokenizer, texts: list[str], max_length: int, batch_size: int) -> np.ndarray:
+    """The validation logits of the model as it ends training (the weights that were saved), tokenised as served.
+
+    Without the mixed-precision autocast the Trainer put around forward: export runs the saved weights in fp32, so
+    bf16 rounding would only blur the comparison (QLoRA's 4-bit layers still compute in their own dtype)."""
+    from tuneflow.trained import predict_logits
+
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    return predict_logits(model, tokenizer, texts, max_length, batch_size)
 
 
 def pick_max_length(model_cfg: ModelConfig, cfg: TrainConfig, method: Method, tokenizer, texts: list[str]) -> tuple[int, str]:

@@ -28,7 +28,8 @@ def test_tuneflow_run_promotes_a_real_model(workdir):
     removed = json.loads((artifacts / "validation" / "fix_diff.json").read_text())["removed_rows"]
     assert gated["counts"]["test"] + gated["counts"]["validation"] + removed == card["counts"]["test"] + card["counts"]["validation"]
     parity = json.loads((artifacts / "export" / "parity.json").read_text())
-    assert parity["passed"] and parity["texts"] == gated["counts"]["test"]  # the gated test split
+    assert parity["passed"] and parity["texts"] == gated["counts"]["validation"]  # the gated validation split
+    assert all(comparison["passed"] for comparison in parity["comparisons"].values())  # incl. vs the trained model's logits
     metrics = json.loads((artifacts / "eval" / "metrics.json").read_text())
     assert metrics["macro_f1"] > 0.5 and metrics["latency_ms"]["samples"] >= 500  # 5 classes: chance is 0.2
     decision = json.loads((artifacts / "promotion" / "decision.json").read_text())

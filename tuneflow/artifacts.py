@@ -34,7 +34,9 @@ METRICS = "metrics.json"
 FIX_DIFF = "fix_diff.json"
 TRAIN_SUMMARY = "train_summary.json"
 LOSS_CURVES = "loss_curves.png"
+VALIDATION_LOGITS = "validation_logits.npy"  # the trained model's logits on the validation split (export's parity reference)
 ONNX_MODEL = "model.onnx"
+ONNX_INT8_MODEL = "model.int8.onnx"  # export.quantize=dynamic; shipped instead of model.onnx only when it passed its checks
 ASSETS = "assets"
 SERVING = "serving.json"
 PARITY = "parity.json"

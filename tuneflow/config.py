@@ -122,9 +122,16 @@ class TrainConfig(Section):
 
 class ExportConfig(Section):
     opset: int = Field(default=18, ge=14)
+    # ONNX Runtime vs the merged PyTorch model, on the validation texts
     max_abs_logit_diff: float = Field(default=1e-3, gt=0)
     min_argmax_agreement: float = Field(default=0.995, ge=0, le=1)
+    # the merged PyTorch model and the ONNX model vs the trained model's own validation logits (saved by train)
+    trained_max_abs_logit_diff: float = Field(default=0.05, gt=0)
+    trained_min_argmax_agreement: float = Field(default=0.99, ge=0, le=1)
     parity_batch_size: int = Field(default=16, ge=1)
+    quantize: Literal["none", "dynamic"] = "none"  # dynamic: also write an int8 model (ONNX Runtime dynamic quantisation)
+    int8_min_argmax_agreement: float = Field(default=0.99, ge=0, le=1)  # int8 vs fp32 ONNX on validation, to ship int8
+    int8_max_accuracy_drop: float = Field(default=0.005, ge=0, le=1)  # validation accuracy fp32 minus int8, to ship int8
 
 
 class EvaluateConfig(Section):

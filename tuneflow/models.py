@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import re
 from pathlib import Path
@@ -50,3 +51,19 @@ def load_classifier(cfg: ModelConfig, labels: list[str], **from_pretrained: obje
         )
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def base_weights_sha256(spec: str) -> str:
+    """sha256 of the base model's weight files (a local folder), or `unknown` for a hub id that was not downloaded here."""
+    from tuneflow.artifacts import content_hash
+
+    try:
+        folder = Path(resolve_base(spec))
+    except InputError:
+        return "unknown"
+    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not weights:
+        return "unknown"
+    if len(weights) == 1:
+        return content_hash(weights[0]) or "unknown"
+    return hashlib.sha256("".join(f"{path.name}\0{content_hash(path)}\n" for path in weights).encode()).hexdigest()

@@ -17,6 +17,12 @@ from tuneflow.artifacts import read_json
 INPUT_NAMES = ["input_ids", "attention_mask"]
 
 
+def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
+    """The model inputs for a batch of texts, as served: truncated to `max_length`, padded to the batch's longest."""
+    encoded = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="np")
+    return {name: encoded[name].astype(np.int64) for name in INPUT_NAMES}
+
+
 class OnnxClassifier:
     def __init__(self, onnx_path: Path, assets_dir: Path, threads: int | None = None):
         import onnxruntime as ort
@@ -40,8 +46,7 @@ class OnnxClassifier:
         return cls(model_dir / artifacts.ONNX_MODEL, model_dir / "extra_files", threads)  # MLflow's folder name
 
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
-        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="np")
-        return {name: encoded[name].astype(np.int64) for name in INPUT_NAMES}
+        return encode(self.tokenizer, texts, self.max_length)
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """The model's input ids per text (truncated as in `encode`): equal ids give equal logits."""

@@ -1,0 +1,219 @@
+"""Export's parity against the trained model's own validation logits, and the int8 model that ships only if it agrees."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import topic_frame
+from pipeline.runner import run_stage
+from pipeline.table import STAGES
+from tuneflow import artifacts as a
+from tuneflow.artifacts import content_hash
+from tuneflow.config import ExportConfig, Params
+from tuneflow.errors import InputError, StageFailed
+
+
+def export_params(tiny_model: Path, folder: Path, **export) -> Params:
+    source = folder / "topics.csv"
+    topic_frame(30).to_csv(source, index=False)
+    return Params.model_validate({
+        "artifacts": str(folder / "artifacts"),
+        "data": {"source": str(source)},
+        "model": {"base": str(tiny_model), "max_length": 32},
+        # longer and faster than the other stage tests: clear logit margins, so int8 rounding flips no prediction
+        "train": {"method": "lora", "epochs": 4, "batch_size": 8, "learning_rate": 2e-2},
+        "export": export,
+        "evaluate": {"latency_warmup": 2, "min_accuracy": 0.0, "min_macro_f1": 0.0, "min_slice_support": 1000,
+                     "pytorch_reference": False},
+        "promote": {"model_name": "tiny-export"},
+    })
+
+
+@pytest.fixture(scope="module")
+def trained_root(tiny_model, tmp_path_factory) -> Path:
+    """ingest → validate → train (LoRA) once; each test exports from its own copy."""
+    folder = tmp_path_factory.mktemp("trained")
+    params = export_params(tiny_model, folder)
+    for name in ("ingest", "validate", "train"):
+        run_stage(STAGES[name], params)
+    return Path(params.artifacts)
+
+
+@pytest.fixture
+def trained(trained_root, tiny_model, workdir):
+    """Params for a copy of the trained artifacts in this test's working directory; `trained(**export)` sets export keys."""
+    shutil.copytree(trained_root, workdir / "artifacts")
+    return lambda **export: export_params(tiny_model, workdir, **export)
+
+
+def parity_of(params: Params) -> dict:
+    return json.loads((Path(params.artifacts) / a.EXPORT / a.PARITY).read_text())
+
+
+def test_train_saves_validation_logits_and_a_good_export_passes_every_comparison(trained):
+    params = trained()
+    root = Path(params.artifacts)
+    validation = pd.read_parquet(root / a.VALIDATION / a.GATED_DATA / a.split_file("validation"))
+    logits = np.load(root / a.MODEL / a.VALIDATION_LOGITS, allow_pickle=False)
+    assert logits.shape == (len(validation), 3) and logits.dtype == np.float32
+    summary = json.loads((root / a.MODEL / a.TRAIN_SUMMARY).read_text())
+    assert summary["validation_logits"]["shape"] == [len(validation), 3]
+    # the logits of the model training kept (its best epoch), not of some other state: its accuracy is the recorded one
+    labels = summary["labels"]
+    accuracy = float((logits.argmax(axis=-1) == validation["label"].map(labels.index).to_numpy()).mean())
+    assert accuracy == pytest.approx(summary["best_validation_accuracy"], abs=1 / len(validation) + 1e-9)
+
+    run_stage(STAGES["export"], params)
+    parity = parity_of(params)
+    assert parity["passed"] and parity["failed"] == [] and parity["split"] == "validation" and parity["texts"] == len(validation)
+    assert set(parity["comparisons"]) == {"onnx_vs_merged", "merged_vs_trained", "onnx_vs_trained"}
+    for comparison in parity["comparisons"].values():
+        assert comparison["passed"] and comparison["argmax_agreement"] == 1.0 and "worst" not in comparison
+    # a LoRA merge in fp32 reproduces the trained model's logits (bf16 autocast in the reference would not be this close)
+    assert parity["comparisons"]["merged_vs_trained"]["max_abs_logit_diff"] < 1e-3
+    assert parity["max_abs_logit_diff"] == parity["comparisons"]["onnx_vs_merged"]["max_abs_logit_diff"]
+    assert parity["onnx_file"] == a.ONNX_MODEL and parity["onnx_sha256"] == content_hash(root / a.EXPORT / a.ONNX_MODEL)
+    assert parity["opset"] == 18 and parity["quantization"]["requested"] == "none" and parity["quantization"]["shipped"] == "fp32"
+    assert not (root / a.EXPORT / a.ONNX_INT8_MODEL).exists()
+
+
+def test_a_merge_that_loses_the_trained_head_fails_export_and_evaluate_refuses_it(trained, monkeypatch):
+    import torch
+
+    from tuneflow.methods import METHODS
+
+    merge = METHODS["lora"].load_merged
+
+    def merge_without_the_head(model_dir, load_base, record):
+        model = merge(model_dir, load_base, record)
+        torch.manual_seed(0)
+        model.classifier.reset_parameters()  # as if the merge had not restored the trained classification head
+        return model
+
+    monkeypatch.setitem(METHODS, "lora", dataclasses.replace(METHODS["lora"], load_merged=merge_without_the_head))
+    params = trained()
+    with pytest.raises(StageFailed, match=r"parity.json: parity failed: merged PyTorch model vs the trained model: max \|Δlogit\|"):
+        run_stage(STAGES["export"], params)
+    parity = parity_of(params)
+    # ONNX faithfully reproduces the broken merge; only the comparisons with the trained model catch it
+    assert not parity["passed"] and parity["failed"] == ["merged_vs_trained", "onnx_vs_trained"]
+    assert parity["comparisons"]["onnx_vs_merged"]["passed"]
+    broken = parity["comparisons"]["merged_vs_trained"]
+    assert broken["max_abs_logit_diff"] > params.export.trained_max_abs_logit_diff
+    texts = pd.read_parquet(Path(params.artifacts) / a.VALIDATION / a.GATED_DATA / a.split_file("validation"))["text"].tolist()
+    assert 1 <= len(broken["worst"]) <= 5
+    for example in broken["worst"]:
+        assert example["text"] == texts[example["index"]][:200] and len(example["logits"]) == len(example["reference_logits"]) == 3
+        assert example["max_abs_logit_diff"] == pytest.approx(
+            float(np.abs(np.array(example["logits"]) - np.array(example["reference_logits"])).max()), rel=1e-5)
+    assert max(example["max_abs_logit_diff"] for example in broken["worst"]) == pytest.approx(broken["max_abs_logit_diff"])
+    report = (Path(params.artifacts) / a.EXPORT / a.REPORT).read_text()
+    assert "FAILED parity" in report and "Worst rows, merged PyTorch model vs the trained model" in report
+
+    run_stage(STAGES["champion"], params)
+    with pytest.raises(InputError, match=r"export/parity.json: the export failed parity \(merged_vs_trained, onnx_vs_trained\)"):
+        run_stage(STAGES["evaluate"], params)
+    assert not (Path(params.artifacts) / a.EVAL).exists()
+
+
+def test_a_model_without_its_validation_logits_or_with_other_validation_texts_must_be_retrained(trained):
+    params = trained()
+    root = Path(params.artifacts)
+    gated_validation = root / a.VALIDATION / a.GATED_DATA / a.split_file("validation")
+    frame = pd.read_parquet(gated_validation)
+    frame.iloc[1:].to_parquet(gated_validation, index=False)
+    with pytest.raises(InputError, match=r"validation_logits.npy: computed on other validation texts .* re-run `tuneflow train`"):
+        run_stage(STAGES["export"], params)
+    frame.to_parquet(gated_validation, index=False)
+    (root / a.MODEL / a.VALIDATION_LOGITS).unlink()
+    with pytest.raises(InputError, match=r"validation_logits.npy: missing .* re-run `tuneflow train`"):
+        run_stage(STAGES["export"], params)
+    assert not (root / a.EXPORT).exists()
+
+
+def test_dynamic_int8_ships_when_it_agrees_with_fp32(trained):
+    params = trained(quantize="dynamic")
+    root = Path(params.artifacts)
+    run_stage(STAGES["export"], params)
+    parity = parity_of(params)
+    quantization = parity["quantization"]
+    int8 = root / a.EXPORT / a.ONNX_INT8_MODEL
+    assert parity["passed"] and quantization["requested"] == "dynamic" and quantization["shipped"] == "int8", quantization
+    assert quantization["argmax_agreement"] >= 0.99 and quantization["accuracy_drop"] <= 0.005
+    assert quantization["reason"].startswith("int8 ships")
+    assert quantization["size_bytes"] == {"fp32": (root / a.EXPORT / a.ONNX_MODEL).stat().st_size, "int8": int8.stat().st_size}
+    assert quantization["size_bytes"]["int8"] < quantization["size_bytes"]["fp32"]
+    assert parity["onnx_file"] == a.ONNX_INT8_MODEL and parity["onnx_sha256"] == content_hash(int8)
+    assert content_hash(int8) != content_hash(root / a.EXPORT / a.ONNX_MODEL)
+    assert quantization["reason"] in (root / a.EXPORT / a.REPORT).read_text()
+
+
+@pytest.mark.slow
+def test_evaluate_judges_and_profiles_the_shipped_int8_file(trained):
+    params = trained(quantize="dynamic")
+    root = Path(params.artifacts)
+    int8 = root / a.EXPORT / a.ONNX_INT8_MODEL
+    run_stage(STAGES["export"], params)
+    assert parity_of(params)["onnx_file"] == a.ONNX_INT8_MODEL
+    run_stage(STAGES["champion"], params)
+    run_stage(STAGES["evaluate"], params)
+    metrics = json.loads((root / a.EVAL / a.METRICS).read_text())
+    verdict = json.loads((root / a.EVAL / a.VERDICT).read_text())
+    assert metrics["onnx_file"] == verdict["onnx_file"] == a.ONNX_INT8_MODEL
+    assert metrics["onnx_sha256"] == verdict["onnx_sha256"] == content_hash(int8)
+    assert metrics["latency"]["onnx"]["size_bytes"] == int8.stat().st_size
+
+
+def quantizer_that_flips_predictions(model_input, model_output, **options):
+    """Stands in for quantize_dynamic: its "int8" model negates the logits, so every prediction changes."""
+    import onnx
+    from onnx import helper
+
+    graph = model_input.graph
+    logits = graph.output[0].name
+    for node in graph.node:
+        if logits in node.output:
+            outputs = [f"{name}_unflipped" if name == logits else name for name in node.output]
+            del node.output[:]
+            node.output.extend(outputs)
+    graph.node.append(helper.make_node("Neg", [f"{logits}_unflipped"], [logits]))
+    onnx.save(model_input, str(model_output))
+
+
+@pytest.mark.parametrize("thresholds, refusal", [
+    ({"int8_max_accuracy_drop": 1.0}, "argmax agreement with fp32 0.0000 < export.int8_min_argmax_agreement 0.99"),
+    ({"int8_min_argmax_agreement": 0.0}, "validation accuracy drop 0.2222 (0.5556 → 0.3333) > export.int8_max_accuracy_drop 0.005"),
+])
+def test_an_int8_model_that_fails_either_check_is_rejected_and_fp32_ships(trained, monkeypatch, thresholds, refusal):
+    monkeypatch.setattr("onnxruntime.quantization.quantize_dynamic", quantizer_that_flips_predictions)
+    params = trained(quantize="dynamic", **thresholds)
+    root = Path(params.artifacts)
+    run_stage(STAGES["export"], params)
+    parity = parity_of(params)
+    quantization = parity["quantization"]
+    assert parity["passed"] and quantization["shipped"] == "fp32" and quantization["argmax_agreement"] == 0.0
+    assert quantization["reason"] == f"int8 rejected, fp32 ships: {refusal}"
+    assert parity["onnx_file"] == a.ONNX_MODEL and parity["onnx_sha256"] == content_hash(root / a.EXPORT / a.ONNX_MODEL)
+    assert not (root / a.EXPORT / a.ONNX_INT8_MODEL).exists()  # only files that may ship stay in the export
+    assert refusal in (root / a.EXPORT / a.REPORT).read_text()
+
+
+def test_quantize_takes_none_or_dynamic():
+    assert ExportConfig().quantize == "none"
+    assert ExportConfig(quantize="dynamic").quantize == "dynamic"
+    with pytest.raises(ValueError, match="'none' or 'dynamic'"):
+        ExportConfig(quantize="int4")
+
+
+def test_worst_rows_quote_at_most_200_characters_of_a_text():
+    from tasks.export import shorten
+
+    assert shorten("short text") == "short text"
+    assert shorten("x" * 500) == "x" * 200 + "…"
