@@ -189,12 +189,17 @@ def slices(model: OnnxClassifier, test: pd.DataFrame, slice_columns: list[str], 
 
 
 def latency(onnx_path: Path, assets_dir: Path, model_dir: Path, model_cfg: ModelConfig, texts: list[str], cfg: EvaluateConfig) -> dict[str, Any]:
+    """The shipped file's profile; the fp32 file's too when int8 ships (either could); PyTorch's as the reference."""
     plan = Plan(cfg.latency_samples, cfg.latency_warmup, cfg.throughput_batch_size, cfg.throughput_texts, cfg.threads)
     onnx = profile(OnnxTarget(onnx_path, assets_dir), texts, plan)
+    profiles = {"onnx": onnx}
+    fp32_path = onnx_path.with_name(artifacts.ONNX_MODEL)
+    if fp32_path != onnx_path and fp32_path.is_file():
+        profiles["onnx_fp32"] = profile(OnnxTarget(fp32_path, assets_dir), texts, plan)
     if not cfg.pytorch_reference:
-        return {"onnx": onnx}
+        return profiles
     pytorch = profile(TorchTarget(model_dir, model_cfg), texts, plan)
-    return {"onnx": onnx, "pytorch": pytorch,
+    return {**profiles, "pytorch": pytorch,
             "pytorch_over_onnx": {"p50": pytorch["p50"] / onnx["p50"], "p95": pytorch["p95"] / onnx["p95"],
                                   "throughput": onnx["throughput_per_s"] / pytorch["throughput_per_s"]}}
 
@@ -327,7 +332,7 @@ def summary_line(metrics: dict[str, Any], checks: list[Check]) -> str:
 
 
 def render_markdown(metrics: dict[str, Any], verdict: dict[str, Any]) -> str:
-    runtimes = {name: metrics["latency"][name] for name in ("onnx", "pytorch") if name in metrics["latency"]}
+    runtimes = {name: metrics["latency"][name] for name in RUNTIMES if name in metrics["latency"]}
     lines = [
         f"# Evaluation gate: {'PASSED' if verdict['passed'] else 'FAILED'}",
         "",
@@ -372,7 +377,7 @@ def render_markdown(metrics: dict[str, Any], verdict: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-RUNTIMES = {"onnx": "ONNX Runtime", "pytorch": "PyTorch"}
+RUNTIMES = {"onnx": "ONNX Runtime (shipped)", "onnx_fp32": "ONNX Runtime fp32 (not shipped)", "pytorch": "PyTorch"}
 
 
 # --- plots ----------------------------------------------------------------------------------------------------

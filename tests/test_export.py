@@ -169,6 +169,9 @@ def test_evaluate_judges_and_profiles_the_shipped_int8_file(trained):
     assert metrics["onnx_file"] == verdict["onnx_file"] == a.ONNX_INT8_MODEL
     assert metrics["onnx_sha256"] == verdict["onnx_sha256"] == content_hash(int8)
     assert metrics["latency"]["onnx"]["size_bytes"] == int8.stat().st_size
+    # the fp32 file could ship too: it is profiled beside the shipped one
+    assert metrics["latency"]["onnx_fp32"]["size_bytes"] == (root / a.EXPORT / a.ONNX_MODEL).stat().st_size
+    assert "ONNX Runtime fp32 (not shipped)" in (root / a.EVAL / a.REPORT).read_text()
 
 
 def quantizer_that_flips_predictions(model_input, model_output, **options):

@@ -258,7 +258,8 @@ def test_labels_any_unicode_become_valid_metric_names(tiny_model, workdir):
 
 
 @pytest.mark.slow
-def test_two_promotions_at_once_end_with_one_champion_and_a_consistent_history(tiny_model, workdir):
+def test_two_promotions_at_once_end_with_one_champion_and_a_consistent_history(tiny_model, workdir, tracking_server):
+    """Two processes against one tracking server, the way a team shares a registry."""
     first = tiny_params(tiny_model, workdir)
     run_until(first, "evaluate")
     second = reseeded(first).model_copy(update={"artifacts": str(workdir / "artifacts-b")})
@@ -337,6 +338,14 @@ def test_everything_works_against_a_tracking_server_and_no_file_holds_its_passwo
     capsys.readouterr()
     assert main(["registry", "history", "tiny"]) == 0
     assert "rollback  by" in capsys.readouterr().out
+    # the server follows the registry over HTTP: v2 again (reused above), then a rollback it picks up
+    from test_serving import Workspace, serving
+
+    with serving(Workspace(workdir, layout.export, registry), "tiny", "--poll-seconds", "0") as server:
+        assert server.predict(["the striker scored"]).json()["version"] == "2"
+        assert main(["registry", "rollback", "tiny", "--reason", "served rollback"]) == 0
+        assert server.post("/reload").json()["changed"]
+        assert server.predict(["the striker scored"]).json()["version"] == "1"
     leaked = [path for path in workdir.rglob("*") if path.is_file() and b"s3cret" in path.read_bytes()]
     assert leaked == []
 

@@ -232,21 +232,23 @@ def test_health_ready_and_metadata_name_the_version_and_its_registry_tags(worksp
 
 def test_metrics_count_requests_by_endpoint_and_status_and_time_them(server):
     def predict_count(status: str) -> float:
-        return metric(server, "tuneflow_http_requests_total", endpoint="/predict", status=status)
+        return metric(server, "tuneflow_http_requests_total", handler="/predict", status=status)
 
     ok, refused = predict_count("200"), predict_count("422")
-    timed = metric(server, "tuneflow_http_request_duration_seconds_count", endpoint="/predict")
+    timed = metric(server, "tuneflow_http_request_duration_seconds_count", handler="/predict")
     for _ in range(3):
         assert server.predict(TEXTS).status_code == 200
     assert server.predict([]).status_code == 422
     wait_for(lambda: predict_count("200") == ok + 3 and predict_count("422") == refused + 1, 5, "request counts")
-    assert metric(server, "tuneflow_http_request_duration_seconds_count", endpoint="/predict") == timed + 4
-    assert metric(server, "tuneflow_http_request_duration_seconds_bucket", endpoint="/predict", le="+Inf") == timed + 4
-    assert metric(server, "tuneflow_http_request_duration_seconds_bucket", endpoint="/predict", le="10.0") == timed + 4
+    assert metric(server, "tuneflow_http_request_duration_seconds_count", handler="/predict") == timed + 4
+    assert metric(server, "tuneflow_http_request_duration_seconds_bucket", handler="/predict", le="+Inf") == timed + 4
+    assert metric(server, "tuneflow_http_request_duration_seconds_bucket", handler="/predict", le="10.0") == timed + 4
     assert metric(server, "tuneflow_model_info", model="served", version="1") == 1.0
     assert metric(server, "tuneflow_predicted_texts_total") >= 3 * len(TEXTS)
     assert server.get("/no-such-page").status_code == 404
-    assert wait_for(lambda: metric(server, "tuneflow_http_requests_total", endpoint="unmatched", status="404"), 5, "404 count") >= 1
+    assert wait_for(lambda: metric(server, "tuneflow_http_requests_total", handler="none", status="404"), 5, "404 count") >= 1
+    assert server.post("/predict", content=b"x" * (5 * 1024 * 1024), headers={"content-type": "application/json"}).status_code == 413
+    assert wait_for(lambda: predict_count("413"), 5, "413 count") >= 1  # refused before the app: still counted
     assert server.get("/metrics").headers["content-type"].startswith("text/plain")
 
 
@@ -464,4 +466,4 @@ def test_load_at_concurrency_1_8_and_32_gets_no_5xx(server):
         latencies_ms = np.array([seconds for _, _, seconds in results]) * 1000
         print(f"concurrency {concurrency}: {requests} requests in {elapsed:.1f}s ({requests / elapsed:.0f}/s), "
               f"P50 {np.percentile(latencies_ms, 50):.1f} ms, P99 {np.percentile(latencies_ms, 99):.1f} ms")
-    assert metric(server, "tuneflow_http_requests_total", endpoint="/predict", status="500") == 0
+    assert metric(server, "tuneflow_http_requests_total", handler="/predict", status="500") == 0

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import os
 import threading
-import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -24,7 +23,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Info, generate_latest
+from prometheus_fastapi_instrumentator import Instrumentator
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from tuneflow.errors import TuneflowError
@@ -102,11 +102,7 @@ class ServerMetrics:
     """The Prometheus metrics of one app, in a registry of its own (several apps can live in one process)."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("tuneflow_http_requests", "HTTP requests by endpoint and status code",
-                                ["endpoint", "status"], registry=self.registry)
-        self.latency = Histogram("tuneflow_http_request_duration_seconds", "Time from request to response by endpoint",
-                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry = CollectorRegistry()  # request counts and latency: prometheus-fastapi-instrumentator, in create_app
         self.texts = Counter("tuneflow_predicted_texts", "Texts classified", registry=self.registry)
         self.reloads = Counter("tuneflow_model_reloads", "Loads of a new champion version by result",
                                ["result"], registry=self.registry)
@@ -209,7 +205,7 @@ class Champion:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ASGI middleware: body size limit and request metrics
+# ASGI middleware: body size limit
 
 
 class LimitBodySize:
@@ -236,32 +232,6 @@ class LimitBodySize:
             return message
 
         await self.app(scope, receive_within_limit, send)
-
-
-class RecordRequests:
-    """Count every request by endpoint and status code and time it; paths that are no endpoint count as `unmatched`."""
-
-    def __init__(self, app, metrics: ServerMetrics, endpoints: frozenset[str]):
-        self.app, self.metrics, self.endpoints = app, metrics, endpoints
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = time.perf_counter()
-        status = 500  # what the client gets if the app raises before it answers
-
-        async def send_noting_status(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_noting_status)
-        finally:
-            endpoint = scope["path"] if scope["path"] in self.endpoints else "unmatched"
-            self.metrics.requests.labels(endpoint, str(status)).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
 
 async def explain_invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -373,8 +343,10 @@ def create_app(model_name: str, registry: Registry | None = None, limits: Limits
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    # added last, so they wrap every route (the metrics middleware outermost: it also counts 413s)
+    # added last, so they wrap every route (the metrics middleware outermost: it also counts 413s);
+    # tuneflow_http_requests_total{handler,method,status} and tuneflow_http_request_duration_seconds{handler,method}
     app.add_middleware(LimitBodySize, max_bytes=limits.max_body_bytes)
-    app.add_middleware(RecordRequests, metrics=metrics, endpoints=frozenset(route.path for route in app.routes))
+    Instrumentator(should_group_status_codes=False, registry=metrics.registry).instrument(
+        app, metric_namespace="tuneflow", latency_lowr_buckets=LATENCY_BUCKETS)
     app.state.champion = champion
     return app
