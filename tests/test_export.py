@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import topic_frame
 from pipeline.runner import run_stage
 from pipeline.table import STAGES
+from test_stages import tiny_params
 from tuneflow import artifacts as a
 from tuneflow.artifacts import content_hash
 from tuneflow.config import ExportConfig, Params
@@ -21,19 +21,10 @@ from tuneflow.errors import InputError, StageFailed
 
 
 def export_params(tiny_model: Path, folder: Path, **export) -> Params:
-    source = folder / "topics.csv"
-    topic_frame(30).to_csv(source, index=False)
-    return Params.model_validate({
-        "artifacts": str(folder / "artifacts"),
-        "data": {"source": str(source)},
-        "model": {"base": str(tiny_model), "max_length": 32},
-        # longer and faster than the other stage tests: clear logit margins, so int8 rounding flips no prediction
-        "train": {"method": "lora", "epochs": 4, "batch_size": 8, "learning_rate": 2e-2},
-        "export": export,
-        "evaluate": {"latency_warmup": 2, "min_accuracy": 0.0, "min_macro_f1": 0.0, "min_slice_support": 1000,
-                     "pytorch_reference": False},
-        "promote": {"model_name": "tiny-export"},
-    })
+    # longer and faster than the other stage tests: clear logit margins, so int8 rounding flips no prediction
+    params = tiny_params(tiny_model, folder, method="lora", epochs=4, learning_rate=2e-2)
+    return params.model_copy(update={"export": ExportConfig(**export),
+                                     "promote": params.promote.model_copy(update={"model_name": "tiny-export"})})
 
 
 @pytest.fixture(scope="module")

@@ -198,7 +198,7 @@ def test_a_failure_at_any_step_leaves_champion_where_it_was_and_the_retry_reuses
     assert ("challenger", "2", "1", "revert") in moves  # a challenger move undone when the champion move failed
 
 
-def test_the_registry_cli_lists_shows_rolls_back_and_forces(ready, capsys):
+def test_the_registry_cli_lists_shows_rolls_back_and_forces(ready, capsys, monkeypatch):
     workdir, second = ready
     registry = Registry()
     assert promote_decision(second)["promoted"]
@@ -218,19 +218,15 @@ def test_the_registry_cli_lists_shows_rolls_back_and_forces(ready, capsys):
     from tuneflow.artifacts import content_hash
     assert base_sha == content_hash(Path(second.model.base) / "model.safetensors")
 
-    monkeypatch_actor = {"TUNEFLOW_ACTOR": "carol"}
-    os.environ.update(monkeypatch_actor)
-    try:
-        assert main(["registry", "rollback", "tiny", "--reason", "v2 misroutes sport"]) == 0
-        assert registry.aliases("tiny")[CHAMPION] == "1"
-        assert main(["registry", "rollback", "tiny", "--reason", "again"]) == 2  # v1 was the first champion
-        assert "nothing to roll back to" in capsys.readouterr().err
-        assert main(["registry", "promote", "tiny", "2", "--reason", "no force"]) == 2
-        assert main(["registry", "promote", "tiny", "2", "--force", "--reason", "hotfix verified by hand"]) == 0
-        assert main(["registry", "rollback", "tiny", "--to", "7", "--reason", "x"]) == 2
-        assert "v7 was never @champion" in capsys.readouterr().err
-    finally:
-        del os.environ["TUNEFLOW_ACTOR"]
+    monkeypatch.setenv("TUNEFLOW_ACTOR", "carol")
+    assert main(["registry", "rollback", "tiny", "--reason", "v2 misroutes sport"]) == 0
+    assert registry.aliases("tiny")[CHAMPION] == "1"
+    assert main(["registry", "rollback", "tiny", "--reason", "again"]) == 2  # v1 was the first champion
+    assert "nothing to roll back to" in capsys.readouterr().err
+    assert main(["registry", "promote", "tiny", "2", "--reason", "no force"]) == 2
+    assert main(["registry", "promote", "tiny", "2", "--force", "--reason", "hotfix verified by hand"]) == 0
+    assert main(["registry", "rollback", "tiny", "--to", "7", "--reason", "x"]) == 2
+    assert "v7 was never @champion" in capsys.readouterr().err
     assert registry.aliases("tiny")[CHAMPION] == "2"
     capsys.readouterr()
     assert main(["registry", "history", "tiny", "--json"]) == 0
