@@ -72,6 +72,7 @@ def write_dvc_yaml(params: Params, path: Path, check: bool = False) -> int:
 def write_fingerprint(params: Params) -> int:
     """The `source` stage: data.source's content hash (an `hf:` dataset cannot be hashed: always new)."""
     fingerprint = source_fingerprint(params.data)
+    artifacts.claim(Path(params.artifacts))  # the root is tuneflow's before anything is written into it
     write_json(Path(params.artifacts) / artifacts.SOURCE_FINGERPRINT,
                {"source": params.data.source, "sha256": fingerprint or f"unhashable, read at {time.time()}"})
     return 0

@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
             tags = "  ".join(f"{key}={version.tags[key]}" for key in SHOWN_TAGS if key in version.tags)
             print(f"v{version.version:<4} {marks:<24} {tags}")
     elif command == "history":
+        if registry.registered(args.name) is None:
+            raise InputError(f"{args.name}: no such registered model (see `tuneflow registry list`)")
         for entry in registry.history(args.name):
             print(json.dumps(entry, sort_keys=True) if args.json else format_entry(entry))
     elif command == "rollback":

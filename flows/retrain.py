@@ -7,6 +7,7 @@ run recorded; otherwise the stage runs again. Promote is never cached: it reads 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,20 @@ from tuneflow import artifacts, progress
 from tuneflow.artifacts import Layout, read_json
 from tuneflow.config import Params, load_pipelines, pipeline_params
 from tuneflow.errors import TuneflowError
+
+
+class NoEmptyTraceback(logging.Filter):
+    """Prefect logs a task that returned a Failed state with exc_info=True and no exception in flight, which prints
+    "NoneType: None" under the line: a refusal stays one line (a real exception keeps its traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is None:
+            record.exc_info = None
+        return True
+
+
+for _logger in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_logger).addFilter(NoEmptyTraceback())
 
 
 def publish_report(stage_name: str, params: Params) -> None:

@@ -1,7 +1,9 @@
 """Run one stage from the table: resolve its inputs and params, write its output folder whole, record its params.
 
 The runner owns publication (Kedro's catalog owns IO the same way): the entry writes into a fresh staging
-folder that replaces the stage's output folder only when the entry returns. A result may report a failure
+folder that replaces the stage's output folder only when the entry returns. It writes only into an artifacts
+root that is tuneflow's (`artifacts.claim`: marked, or new, or adopted) and first recovers what a killed run
+left there (`artifacts.holding`). A result may report a failure
 (`result.failure(published_folder)`: the data gate, ONNX parity) that is raised after the output is published,
 so its evidence stays readable.
 """
@@ -16,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from pipeline.table import STAGES, WHOLE, Stage
-from tuneflow import artifacts
-from tuneflow.artifacts import Layout, publish, staging_dir, write_json
+from tuneflow import artifacts, progress
+from tuneflow.artifacts import Layout, claim, claim_work, holding, publish, staging_dir, unclaim, write_json
 from tuneflow.config import Params
 from tuneflow.errors import InputError
 
@@ -70,24 +72,41 @@ def run_stage(stage: Stage, params: Params, facts: RunFacts = RunFacts()) -> Any
     for keyword, path in inputs.items():
         if not path.exists():
             raise InputError(f"{path}: missing; run `tuneflow {producer(stage.inputs[keyword])}` first")
+    uses_work = "work_dir" in stage.context
+    made: list[Path] = []  # folders this call created: removed again if the stage leaves nothing in them
+    try:
+        if claim(layout.root):
+            made.append(layout.root)
+        if uses_work:
+            scratch_parent_existed = layout.work.parent.exists()
+            if claim_work(layout.work):
+                made += [layout.work] + ([] if scratch_parent_existed else [layout.work.parent])
+        with holding(layout.root) as recovered:
+            for line in recovered:
+                progress.say(f"[tuneflow] {layout.root}: {line}")
+            result = run_and_publish(stage, params, facts, layout, inputs)
+    except BaseException:
+        for folder in made:  # bad input leaves nothing behind, not even the empty artifacts root
+            unclaim(folder)
+        raise
+    failure = result.failure(layout.path(stage.output)) if hasattr(result, "failure") else None
+    if failure is not None:
+        raise failure
+    return result
+
+
+def run_and_publish(stage: Stage, params: Params, facts: RunFacts, layout: Layout, inputs: dict[str, Path]) -> Any:
+    """The entry writes into a staging folder; params.json goes in last, then the folder replaces the stage's output."""
     available = {"work_dir": layout.work, "run_name": facts.run_name, "experiment": facts.experiment}
     context = {name: available[name] for name in stage.context}
     target = layout.path(stage.output)
-    new_root = not layout.root.exists()
     staging = staging_dir(target)
     try:
         result = entry_function(stage)(**params_of(stage, params), **inputs, **context, out_dir=staging)
         write_json(staging / artifacts.PARAMS, {"run": facts.run_name, "stage": stage.name, **params_read(stage, params)})
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if new_root and not any(layout.root.iterdir()):
-            layout.root.rmdir()  # bad input leaves nothing behind, not even the empty artifacts root
-        raise
-    if getattr(result, "publish", True):
-        publish(staging, target)
-    else:
-        shutil.rmtree(staging, ignore_errors=True)
-    failure = result.failure(target) if hasattr(result, "failure") else None
-    if failure is not None:
-        raise failure
+        if getattr(result, "publish", True):
+            publish(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     return result

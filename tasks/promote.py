@@ -130,6 +130,8 @@ def promote(params: Params, validation_dir: Path, model_dir: Path, export_dir: P
         current = registry.by_alias(name, CHAMPION)
         check_champion_custody(verdict, verdict_path, current, registry, name)
         if verdict["passed"] and current is not None and current.tags.get("onnx_sha256") == onnx_sha256:
+            if current.tags.get(PROMOTION_TAG) == "pending":  # a run was killed after moving @champion: finish its promotion
+                complete_interrupted(registry, current, reasons)
             return finish(out_dir, already_champion(current, metrics["macro_f1"], onnx_sha256, registry))
         decision = {"promoted": promoted, "model_name": name, "version": None, "alias": CHAMPION if promoted else CHALLENGER,
                     "previous_champion": current.version if current else None, "reasons": reasons,
@@ -167,6 +169,16 @@ def move_aliases(registry: Registry, version: Version, promoted: bool, reason: s
                 registry.move_alias(version.name, entry["alias"], entry["from_version"], run_id=version.run_id, action="revert",
                                     reason=f"promotion of v{version.version} failed: {error}")
         raise
+
+
+def complete_interrupted(registry: Registry, version: Version, reasons: list[str]) -> None:
+    """@champion was moved to `version` but the run ended before its history entry or `done` tag: write what is missing."""
+    moves = [entry for entry in registry.history(version.name) if entry["alias"] == CHAMPION]
+    last = moves[-1]["to_version"] if moves else None
+    if last != version.version:
+        registry.append_history(version.name, history_entry(CHAMPION, last, version.version, action="promote", run_id=version.run_id,
+                                                            reason="; ".join(["completes a promotion a killed run left unrecorded"] + reasons)))
+    registry.tag_version(version, {PROMOTION_TAG: "done"})
 
 
 def already_champion(current: Version, macro_f1: float, onnx_sha256: str, registry: Registry) -> dict[str, Any]:

@@ -83,10 +83,18 @@ def last_complete_checkpoint(run_dir: Path) -> Path | None:
     half-written one from a kill during saving is removed."""
     checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[-1]))
     for checkpoint in reversed(checkpoints):
-        if (checkpoint / "trainer_state.json").exists():
+        if complete_state(checkpoint / "trainer_state.json"):
             return checkpoint
         shutil.rmtree(checkpoint, ignore_errors=True)
     return None
+
+
+def complete_state(state_file: Path) -> bool:
+    """trainer_state.json exists and parses (a kill during its write leaves a truncated file)."""
+    try:
+        return isinstance(read_json(state_file), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def peak_rss_mb() -> float:
@@ -169,7 +177,7 @@ def train(gated_data: Path, gate_report: Path, ingest_card: Path, model_cfg: Mod
     model = build_model(method, model_cfg, cfg, labels, RunInfo(total_steps, bf16), max_length)
 
     key = run_key(model_cfg, cfg, card["data_hash"])
-    run_dir, resume = checkpoint_to_resume(work_dir / "checkpoints", key, method)
+    run_dir, resume = checkpoint_to_resume(work_dir / artifacts.CHECKPOINTS, key, method)
     trainer = build_trainer(model, method, cfg, tokenizer, train_set, validation_set, labels, run_dir, total_steps, bf16)
     resumed = read_json(resume / "trainer_state.json") if resume else {"global_step": None, "epoch": 0}
     if resume is not None:
@@ -246,7 +254,15 @@ def encode(tokenizer, frame, label_ids: dict[str, int], max_length: int) -> list
 
 
 def build_model(method: Method, model_cfg: ModelConfig, cfg: TrainConfig, labels: list[str], run: RunInfo, max_length: int):
-    model = method.wrap(lambda **kwargs: load_classifier(model_cfg, labels, **kwargs), cfg, run)
+    from peft.utils.error import NoMatchingPeftModuleError
+
+    try:
+        model = method.wrap(lambda **kwargs: load_classifier(model_cfg, labels, **kwargs), cfg, run)
+    except NoMatchingPeftModuleError:
+        sections = [option for option in method.options if hasattr(getattr(cfg, option, None), "target_modules")]
+        keys = ", ".join(f"train.{section}.target_modules" for section in sections)
+        wanted = [getattr(cfg, section).target_modules for section in sections]
+        raise InputError(f"{keys}: no module of {model_cfg.base!r} matches {', '.join(map(repr, wanted))}") from None
     blocker = method.export_blocker(model, cfg, max_length)
     if blocker:
         raise InputError(f"train.method={cfg.method}: the trained model could not be exported: {blocker}")

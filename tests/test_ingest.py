@@ -276,3 +276,241 @@ def test_slice_columns_are_carried_into_every_split_and_a_missing_one_is_named(t
         ingest(DataConfig(source=str(tmp_path / "folder"), slice_columns=["site"]), tmp_path / "dir")
     with pytest.raises(ValueError, match="name the splits' own columns"):
         DataConfig(slice_columns=["label"])
+
+
+# --- data.format, streaming, columns, folders, near-duplicate search cap (issue 15) -------------------------
+
+
+def test_data_format_reads_a_tab_separated_txt_file(tmp_path):
+    frame = topic_frame(10)
+    txt = tmp_path / "export.txt"
+    frame.to_csv(txt, sep="\t", index=False)
+    assert_input_error(tmp_path, r"export.txt: unsupported file type '.txt' .*or set data.format", source=str(txt))
+    result = run(tmp_path, source=str(txt), format="tsv")
+    assert result.card["format"] == "tsv" and result.card["rows_kept"] == 30
+    assert result.data_hash == ingest(DataConfig(source=str(write_csv(tmp_path, frame))), tmp_path / "csv").data_hash
+    jsonl = tmp_path / "records.log"
+    jsonl.write_text("\n".join(json.dumps(record) for record in frame.to_dict("records")))
+    assert ingest(DataConfig(source=str(jsonl), format="jsonl"), tmp_path / "jsonl").data_hash == result.data_hash
+
+
+@pytest.mark.parametrize("source, chosen, message", [
+    ("data.csv", "folder", r"data.csv: is a file, but data.format=folder"),
+    ("folder", "csv", r"folder: is a folder, but data.format=csv"),
+    ("data.csv", "parquet", r"data.csv: cannot read as Parquet \(.*\) \(data.format=parquet\)"),
+    ("data.parquet", "csv", r"data.parquet: looks binary \(NUL bytes\).* \(data.format=csv\)"),
+    ("data.csv", "jsonl", r"data.csv:1: not valid JSON \(.*\) \(data.format=jsonl\)"),
+    ("builtin:bbc", "tsv", r"data.format=tsv contradicts data.source=builtin:bbc"),
+    ("hf:org/topics", "csv", r"data.format=csv does not apply to hf:org/topics"),
+])
+def test_a_format_that_contradicts_the_source_is_one_line_naming_data_format(tmp_path, source, chosen, message):
+    write_csv(tmp_path, topic_frame(5))
+    topic_frame(5).to_parquet(tmp_path / "data.parquet")
+    (tmp_path / "folder" / "sport").mkdir(parents=True)
+    (tmp_path / "folder" / "sport" / "a.txt").write_text("goal")
+    path = source if ":" in source else str(tmp_path / source)
+    assert_input_error(tmp_path, message, source=path, format=chosen)
+
+
+def test_chunked_reading_keeps_every_row_across_chunk_boundaries(tmp_path, monkeypatch):
+    """Small chunks: rows, dedup across chunks, bad-line numbers and the data hash are those of a whole-file read."""
+    import tasks.ingest as module
+
+    frame = pd.concat([topic_frame(12), topic_frame(12).head(9)])  # repeats land in later chunks
+    files = {"csv": write_csv(tmp_path, frame), "parquet": tmp_path / "data.parquet", "jsonl": tmp_path / "data.jsonl",
+             "tsv": tmp_path / "data.tsv", "folder": tmp_path / "folder"}
+    frame.to_parquet(files["parquet"])
+    files["jsonl"].write_text("\n".join(json.dumps(record) for record in frame.to_dict("records")))
+    files["tsv"].write_bytes(frame.to_csv(sep="\t", index=False).encode().replace(b"number 11 ", b"caf\xe9 number 11 "))
+    for index, (text, label) in enumerate(frame.itertuples(index=False)):
+        (files["folder"] / label).mkdir(parents=True, exist_ok=True)
+        (files["folder"] / label / f"{index}.txt").write_text(text)
+    whole = {name: ingest(DataConfig(source=str(path)), tmp_path / f"whole-{name}").card for name, path in files.items()}
+    chunks = []
+    clean_chunk = module.clean_chunk
+    monkeypatch.setattr(module, "clean_chunk", lambda chunk, *args: chunks.append(len(chunk)) or clean_chunk(chunk, *args))
+    monkeypatch.setattr(module, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(module, "WRITE_ROWS", 5)
+    for name, path in files.items():
+        chunks.clear()
+        card = ingest(DataConfig(source=str(path)), tmp_path / f"chunked-{name}").card
+        assert len(chunks) == -(-45 // 7) and sum(chunks) == 45, (name, chunks)  # 45 rows in chunks of 7
+        assert card == whole[name] | {"source": card["source"]}, name
+        assert card["rows_read"] == 45 and card["dropped"]["duplicates"] == 9
+    examples = whole["tsv"]["cleaning"]["invalid_bytes_examples"]  # "number 11" of each class, lines 13, 25, 37
+    assert [example.split(" byte")[0] for example in examples] == ["data.tsv:13", "data.tsv:25", "data.tsv:37"]
+    assert len({card["data_hash"] for name, card in whole.items() if name != "tsv"}) == 1
+
+
+def test_streaming_keeps_python_memory_far_below_the_file_size(tmp_path, monkeypatch):
+    """tracemalloc sees Python objects and numpy buffers: a whole-file read (bytes, decoded text, a StringIO copy)
+    shows up as several times the file; streaming holds one chunk or row group of Python strings at a time (the
+    kept texts are Arrow strings, which tracemalloc does not see)."""
+    import tracemalloc
+
+    import tasks.ingest as module
+
+    rows = 10_000
+    frame = pd.DataFrame({"id": range(rows), "text": [f"review {index} " + "a fairly long sentence " * 10 for index in range(rows)],
+                          "label": ["good", "bad"] * (rows // 2), "notes": ["unused column " * 5] * rows})
+    source = write_csv(tmp_path, frame)
+    monkeypatch.setattr(module, "CHUNK_ROWS", 1_000)
+    monkeypatch.setattr(module, "WRITE_ROWS", 1_000)
+    tracemalloc.start()
+    try:
+        result = ingest(DataConfig(source=str(source)), tmp_path / "out")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.card["rows_kept"] == rows
+    assert peak < source.stat().st_size / 2, (peak, source.stat().st_size)  # 0.3× here; a whole-file read 6×
+
+
+def test_only_the_needed_parquet_columns_are_read(tmp_path):
+    """An unused column whose pages are damaged: reading it fails, and ingest never reads it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    frame = topic_frame(10).assign(blob=["x" * 50] * 30)
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path, compression="none", use_dictionary=False)
+    blob = pq.ParquetFile(path).metadata.row_group(0).column(2)
+    assert blob.path_in_schema == "blob"
+    raw = bytearray(path.read_bytes())
+    raw[blob.data_page_offset : blob.data_page_offset + 16] = b"\xff" * 16  # the page header: undecodable
+    path.write_bytes(bytes(raw))
+    with pytest.raises(OSError):
+        pd.read_parquet(path)
+    assert run(tmp_path, source=str(path)).card["rows_kept"] == 30
+
+
+def test_a_malformed_row_is_refused_not_silently_cut(tmp_path):
+    """No usecols: pandas would drop the surplus field of `great, movie,sport` and read the label as ' movie'."""
+    path = tmp_path / "data.csv"
+    path.write_text(topic_frame(5).to_csv(index=False) + "great, movie,sport\n")
+    assert_input_error(tmp_path, r"data.csv: cannot parse as CSV \(.*Expected 2 fields in line 17, saw 3\)", source=str(path))
+
+
+def test_duplicate_column_names_are_refused_naming_the_column(tmp_path):
+    frame = topic_frame(5)
+    path = tmp_path / "data.csv"
+    path.write_text("text,label,label\n" + "".join(f"{text},{label},{label}\n" for text, label in frame.itertuples(index=False)))
+    assert_input_error(tmp_path, r"data.csv: label column 'label' appears 2 times in the header \(data.label_column\)", source=str(path))
+    path.write_text("text,x,label,x\n" + "".join(f"{text},1,{label},2\n" for text, label in frame.itertuples(index=False)))
+    assert ingest(DataConfig(source=str(path)), tmp_path / "ok").card["rows_kept"] == 15  # a repeated unused column is fine
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "x", "label": "y"}\n')
+    assert_input_error(tmp_path, r"data.jsonl:2: key 'label' appears more than once", source=str(jsonl))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = tmp_path / "data.parquet"
+    pq.write_table(pa.table([frame["text"], frame["label"], frame["label"]], names=["text", "label", "label"]), parquet)
+    assert_input_error(tmp_path, r"data.parquet: label column 'label' appears 2 times", source=str(parquet))
+
+
+def folder_source(tmp_path):
+    folder = tmp_path / "folder"
+    for index, (text, label) in enumerate(topic_frame(5).itertuples(index=False)):
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        (folder / label / f"{index}.txt").write_text(text)
+    return folder
+
+
+def test_folder_follows_links_inside_it_and_reads_only_regular_txt_files(tmp_path):
+    folder = folder_source(tmp_path)
+    (folder / "sport" / "again.txt").symlink_to(folder / "music" / "10.txt")  # inside: followed
+    (folder / "sport" / "notes.md").write_text("not an example")
+    (folder / "sport" / "archive.txt").mkdir()  # a folder named *.txt
+    (folder / "alias").symlink_to(folder / "money", target_is_directory=True)
+    result = run(tmp_path, source=str(folder), dedup=False)
+    texts = pd.concat(read_splits(result.data_dir).values())
+    assert result.card["rows_kept"] == 15 + 1 + 5 and set(result.labels) == {"alias", "money", "music", "sport"}
+    assert "not an example" not in set(texts["text"])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda folder, outside: (folder / "sport" / "leak.txt").symlink_to(outside / "secret.txt"),
+     r"folder: sport/leak.txt links to .*secret.txt, outside the folder; links out of data.source are not followed"),
+    (lambda folder, outside: (folder / "elsewhere").symlink_to(outside, target_is_directory=True),
+     r"folder: elsewhere links to .*outside, outside the folder"),
+    (lambda folder, outside: (folder / "sport" / "loop.txt").symlink_to(folder / "sport" / "loop.txt"),
+     r"folder: sport/loop.txt is a broken or looping symbolic link \(data.source\)"),
+    (lambda folder, outside: ((folder / "a").symlink_to(folder / "b"), (folder / "b").symlink_to(folder / "a")),
+     r"folder: a is a broken or looping symbolic link"),
+])
+def test_folder_refuses_links_that_leave_it_dangle_or_loop(tmp_path, make, message):
+    folder = folder_source(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not data")
+    make(folder, outside)
+    assert_input_error(tmp_path, message, source=str(folder))
+
+
+def test_near_duplicate_search_caps_a_boilerplate_bucket_and_says_so(tmp_path, monkeypatch):
+    """300 alike texts share LSH buckets (44,850 true pairs): in each bucket a text is compared with BUCKET_CAP
+    neighbours only, the checks record the cap, and a real near-duplicate elsewhere is still found."""
+    import tasks.gate_checks as gate_checks
+    from tasks.validate import run_checks
+    from tuneflow.config import ValidationConfig
+
+    template = ("thank you for your order, it ships from our warehouse within two working days; track it online "
+                "with the reference below and contact support if anything arrives damaged. reference {:04d}")
+    boilerplate = pd.DataFrame({"text": [template.format(index) for index in range(300)], "label": "money"})
+    leak = "the striker scored twice as the league leaders won again in front of a sold out home crowd tonight"
+    frame = pd.concat([topic_frame(40), boilerplate, pd.DataFrame({"text": [leak, leak + " again"], "label": "sport"})])
+    data_dir = ingest(DataConfig(source=str(write_csv(tmp_path, frame)), split_salt="a"), tmp_path / "data").data_dir
+    monkeypatch.setattr(gate_checks, "BUCKET_CAP", 5)
+    found, rows, pairs = run_checks(read_splits(data_dir), ["money", "music", "sport"], ValidationConfig())
+    checks = {check.name: check for check in found}
+    for name in ("near_dup_leakage", "near_dup_label_conflicts", "near_dup_within_split"):
+        assert checks[name].evidence[0]["search_capped"]["neighbours_per_text"] == 5, name
+        assert "search capped in" in checks[name].reason and "a lower bound" in checks[name].reason
+    capped = checks["near_dup_leakage"].evidence[0]["search_capped"]
+    assert capped["largest_bucket"] > 5 and capped["texts"] >= 200, capped
+    bands, _ = gate_checks.lsh_bands(0.8, 64)
+    assert 300 <= len(pairs) <= 300 * 5 * bands + 1 < 300 * 299 // 2  # linear in the bucket size, not quadratic
+    text = rows.set_index(["split", "row"])["text"]
+    assert any("striker" in text[pair.a] and "striker" in text[pair.b] for pair in pairs)
+
+
+@pytest.mark.parametrize("rows, sample, match", [
+    ([("only one", "rare")], 20, r"fewer than 3 rows cannot be split: 'rare' \(1\)"),  # found by the fuzz tests
+    ([], 29, r"data.sample=29 leaves out 1 of 30 rows, fewer than the 3 classes; use at most 27"),
+])
+def test_a_sample_a_stratified_draw_cannot_make_is_one_line(tmp_path, rows, sample, match):
+    frame = pd.concat([topic_frame(10), pd.DataFrame(rows, columns=["text", "label"])])
+    assert_input_error(tmp_path, match, source=str(write_csv(tmp_path, frame)), sample=sample)
+
+
+def test_near_duplicate_candidates_the_signatures_rule_out_are_not_verified(monkeypatch):
+    """Texts sharing about a third of their shingles become LSH candidates now and then; their MinHash estimate
+    is far below 0.8, so no shingle set is built for an exact check (only the signatures' own)."""
+    import random
+
+    import tasks.gate_checks as gate_checks
+    from tuneflow.config import ValidationConfig
+
+    common = "the quarterly report from the regional office arrived late again and nobody read it "
+    frame = pd.DataFrame({"text": [common + "".join(random.Random(index).choices("abcdefghijklmnopqrstuvwxyz", k=90))
+                                   for index in range(200)], "label": "money"})
+    rows = gate_checks.table({"train": frame, "validation": frame.iloc[:0], "test": frame.iloc[:0]})
+    candidates, built = [], []
+    likely_pairs, shingles = gate_checks.likely_pairs, gate_checks.shingles
+
+    def counted(hashvalues, first, second, cfg):
+        candidates.append(len(first))
+        return likely_pairs(hashvalues, first, second, cfg)
+
+    monkeypatch.setattr(gate_checks, "likely_pairs", counted)
+    monkeypatch.setattr(gate_checks, "shingles", lambda *args: built.append(args) or shingles(*args))
+    assert gate_checks.near_duplicate_pairs(rows, ValidationConfig()) == []
+    assert candidates[0] > 0 and len(built) == 200  # the signatures' shingles, none for an exact check
+
+
+def test_jsonl_columns_are_named_not_indexed(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(record) for record in topic_frame(5).to_dict("records")))
+    assert_input_error(tmp_path, r"data.jsonl: JSONL records name their fields; data.text_column and data.label_column must be names",
+                       source=str(path), text_column=0, label_column=1)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from conftest import gated_params, stage_inputs, topic_frame
-from tuneflow.config import ExportConfig, ModelConfig, Params, TrainConfig
+from tuneflow.config import ExportConfig, ModelConfig, TrainConfig
 from tuneflow.errors import InputError
 from tuneflow.methods import METHODS
+from tuneflow.schema import Section
 
 ALL_METHODS = ["full", "partial", "lora", "dora", "adalora", "ia3", "qlora", "prefix", "prompt", "p_tuning",
                "adapter_houlsby", "adapter_pfeiffer"]
@@ -63,16 +67,53 @@ def test_method_trains_and_exports_with_parity(tiny_model, gated, tmp_path, meth
     assert serving["method_export"] == ("wrapper" if method in WRAPPED else "merged")
 
 
-def test_qlora_trains_on_a_4bit_base_and_never_merges_into_it(tiny_model):
+def test_qlora_export_merges_into_dequantised_dense_weights_never_into_4bit(tiny_model, tmp_path):
     import bitsandbytes as bnb
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from tuneflow import artifacts
     from tuneflow.methods import RunInfo
     from tuneflow.models import load_classifier
+    from tuneflow.trained import load_trained
 
-    cfg = ModelConfig(base=str(tiny_model))
-    model = METHODS["qlora"].wrap(lambda **kw: load_classifier(cfg, ["a", "b"], **kw), tiny_train(method="qlora"), RunInfo(10, False))
-    quantized = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    cfg, model_cfg, labels = tiny_train(method="qlora"), ModelConfig(base=str(tiny_model)), ["a", "b", "c"]
+    trained = METHODS["qlora"].wrap(lambda **kw: load_classifier(model_cfg, labels, **kw), cfg, RunInfo(10, False))
+    quantized = [module for module in trained.modules() if isinstance(module, bnb.nn.Linear4bit)]
     assert quantized and all(module.weight.quant_state.quant_type == "nf4" for module in quantized)
+
+    # stand-in for training: PEFT starts lora_B at zero, which would make every merge look right
+    torch.manual_seed(1)
+    expected, deltas, from_4bit = {}, {}, set()
+    for name, module in trained.named_modules():
+        if isinstance(module, LoraLayer):
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.5)
+            delta = module.lora_B["default"].weight @ module.lora_A["default"].weight * module.scaling["default"]
+            base, key = module.base_layer, name.removeprefix("base_model.model.") + ".weight"
+            if isinstance(base, bnb.nn.Linear4bit):
+                from_4bit.add(key)
+                dense = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
+            else:  # the pooler: kept out of quantisation
+                dense = base.weight
+            expected[key], deltas[key] = (dense + delta).detach(), delta.detach()
+    assert from_4bit
+    trained.save_pretrained(tmp_path)  # what the Trainer saves for a PEFT model
+    artifacts.write_json(tmp_path / artifacts.TRAIN_SUMMARY, {"method": "qlora", "base_model": str(tiny_model), "labels": labels,
+                                                             "export_record": METHODS["qlora"].export_record(cfg)})
+
+    merged, _ = load_trained(tmp_path, model_cfg)  # what export turns into ONNX
+    assert not [module for module in merged.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    assert not [name for name, p in merged.named_parameters() if isinstance(p, bnb.nn.Params4bit) or p.dtype != torch.float32]
+    weights = {name: parameter.detach() for name, parameter in merged.named_parameters()}
+    original = dict(AutoModelForSequenceClassification.from_pretrained(tiny_model).named_parameters())
+    for key, weight in expected.items():
+        assert torch.allclose(weights[key], weight, atol=1e-6), key  # de-quantised base + the LoRA delta
+    # ... not the original fp32 base + delta: the base is the 4-bit one that was trained, its rounding (~1e-2) included
+    assert all(float((weights[key] - original[key] - deltas[key]).abs().max()) > 1e-3 for key in from_4bit)
+    tokens = AutoTokenizer.from_pretrained(tiny_model)(["goal match team", "album band song tour"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.allclose(merged(**tokens).logits, trained.eval()(**tokens).logits, atol=1e-4)
 
 
 def test_prompt_methods_that_cannot_fit_the_positions_fail_at_train_time(tiny_model, gated, tmp_path):
@@ -91,10 +132,46 @@ def test_gradual_unfreezing_is_only_for_full_and_partial():
         TrainConfig(method="lora", gradual_unfreezing=True)
 
 
-def test_params_yaml_names_every_method_option():
-    from tuneflow.config import load_params
+def method_options() -> dict[str, Any]:
+    """Every option a method reads, as params.yaml would spell it: `train.<key>`, and each key of an options section."""
+    def keys(field) -> Any:
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, Section):
+            return {name: keys(child) for name, child in section.model_fields.items()}
+        return None
 
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
-    assert isinstance(params, Params)
-    train = params.train
-    assert train.lora.r == 16 and train.prompt_learning.num_virtual_tokens > 0 and train.adapter.reduction_factor > 0
+    fields = TrainConfig.model_fields
+    named = {option for method in METHODS.values() for option in method.options}
+    sections = {name for name, field in fields.items() if keys(field) is not None}
+    return {name: keys(fields[name]) for name in sorted(named | sections)}
+
+
+def missing(expected: dict[str, Any], tree: Any, prefix: str) -> list[str]:
+    """The keys of `expected` (recursively) that `tree` does not spell out."""
+    gaps = []
+    for key, children in expected.items():
+        if not isinstance(tree, dict) or key not in tree:
+            gaps.append(f"{prefix}.{key}")
+        elif children is not None:
+            gaps += missing(children, tree[key], f"{prefix}.{key}")
+    return gaps
+
+
+def leaves(expected: dict[str, Any]) -> list[tuple[str, ...]]:
+    return [path for key, children in expected.items()
+            for path in ([(key,)] if children is None else [(key, *rest) for rest in leaves(children)])]
+
+
+def test_params_yaml_names_every_method_option():
+    options = method_options()
+    assert {"unfreeze_layers", "lora", "adalora", "qlora", "ia3", "prompt_learning", "adapter"} <= set(options)
+    written = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text(encoding="utf-8"))
+    assert missing(options, written["train"], "train") == []
+    # the check sees each one go: drop any single option or section from a copy and it is named
+    for path in leaves(options) + [(name,) for name, children in options.items() if children is not None]:
+        trimmed = copy.deepcopy(written["train"])
+        node = trimmed
+        for key in path[:-1]:
+            node = node[key]
+        del node[path[-1]]
+        assert missing(options, trimmed, "train") == ["train." + ".".join(path)]

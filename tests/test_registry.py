@@ -170,6 +170,7 @@ STEPS = [("log_candidate", 1, False), ("log_candidate", 1, True), ("tag_version"
          ("append_history", 1, False), ("set_alias", 2, False), ("append_history", 2, False), ("tag_version", 2, False)]
 
 
+@pytest.mark.slow
 def test_a_failure_at_any_step_leaves_champion_where_it_was_and_the_retry_reuses_the_version(ready):
     workdir, second = ready
     registry = Registry()
@@ -198,6 +199,7 @@ def test_a_failure_at_any_step_leaves_champion_where_it_was_and_the_retry_reuses
     assert ("challenger", "2", "1", "revert") in moves  # a challenger move undone when the champion move failed
 
 
+@pytest.mark.slow
 def test_the_registry_cli_lists_shows_rolls_back_and_forces(ready, capsys, monkeypatch):
     workdir, second = ready
     registry = Registry()
@@ -240,6 +242,7 @@ def test_the_registry_cli_lists_shows_rolls_back_and_forces(ready, capsys, monke
     assert all(entry["time"] for entry in entries)
 
 
+@pytest.mark.slow
 def test_labels_any_unicode_become_valid_metric_names(tiny_model, workdir):
     frame = topic_frame(30)
     frame["label"] = frame["label"].map({"sport": "C++", "money": "a&b", "music": "日本語 ✓"})
@@ -346,6 +349,7 @@ def test_everything_works_against_a_tracking_server_and_no_file_holds_its_passwo
     assert leaked == []
 
 
+@pytest.mark.slow
 def test_promote_refuses_an_export_that_failed_parity(ready):
     workdir, second = ready
     parity_path = Path(second.artifacts) / a.EXPORT / a.PARITY

@@ -338,6 +338,7 @@ def test_generated_bodies_get_200_or_a_4xx_never_a_5xx(workspace, server):
 # following the alias
 
 
+@pytest.mark.slow
 def test_reload_follows_a_rollback_while_requests_keep_being_answered(workspace):
     first, second = workspace.register("swapped"), workspace.register("swapped")
     workspace.promote(first)
@@ -378,6 +379,7 @@ def test_reload_follows_a_rollback_while_requests_keep_being_answered(workspace)
         assert back == {"changed": False, "model": "swapped", "version": "1", "last_error": None}
 
 
+@pytest.mark.slow
 def test_without_a_champion_it_starts_unready_and_polling_picks_up_promotions_and_rollbacks(workspace):
     with serving(workspace, "polled", "--poll-seconds", "0.3") as server:
         assert server.get("/health").status_code == 200

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from conftest import TUNEFLOW, gated_params, stage_inputs, topic_frame, write_params
 from tuneflow.config import ModelConfig, TrainConfig
@@ -26,20 +31,150 @@ def gated(tmp_path_factory) -> dict[str, Path]:
     return stage_inputs("train", gated_params(tmp_path_factory.mktemp("practices"), frame))
 
 
-def test_every_practice_switched_on_trains_and_records_it(tiny_model, gated, tmp_path):
+class EpochRecorder(TrainerCallback):
+    """What the Trainer did, seen from a callback added after tuneflow's own: which parameters could train at the
+    start of each epoch and which ones that epoch's steps changed, the steps it checkpointed at, and the
+    switches in force when training began."""
+
+    def __init__(self):
+        self.epochs: list[dict[str, set[str]]] = []
+        self.saved_at: list[int] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.gradient_checkpointing = model.is_gradient_checkpointing
+        self.deterministic = torch.are_deterministic_algorithms_enabled()
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+        self.epochs.append({"trainable": {name for name, parameter in model.named_parameters() if parameter.requires_grad}})
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self.epochs[-1]["changed"] = {name for name, parameter in model.named_parameters()
+                                      if not torch.equal(parameter.detach(), self.before[name])}
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saved_at.append(state.global_step)
+
+
+@dataclass
+class Practiced:
+    trainer: Any
+    recorder: EpochRecorder
+    summary: dict[str, Any]
+    cfg: TrainConfig
+    train_labels: list[int]
+    out_dir: Path
+
+
+PRACTICES = dict(method="full", epochs=4, batch_size=4, learning_rate=5e-3, gradient_accumulation_steps=2,
+                 gradient_checkpointing=True, class_weights="balanced", layerwise_lr_decay=0.8, gradual_unfreezing=True,
+                 deterministic=True, lr_scheduler="cosine", save_steps=3, group_by_length=True,
+                 early_stopping_patience=10)  # no early stop: every epoch of the unfreezing schedule runs
+
+
+@pytest.fixture(scope="module")
+def practiced(tiny_model, gated, tmp_path_factory) -> Practiced:
+    """One `train()` with every practice switched on, keeping the Trainer it built (and a recorder added to it)."""
+    import tasks.train
     from tasks.train import train
 
-    cfg = TrainConfig(method="full", epochs=3, batch_size=4, learning_rate=5e-3, gradient_accumulation_steps=2,
-                      gradient_checkpointing=True, class_weights="balanced", layerwise_lr_decay=0.8,
-                      gradual_unfreezing=True, deterministic=True, lr_scheduler="cosine", save_steps=3,
-                      group_by_length=False)  # the one practice on by default: switched off here
-    summary = train(**gated, model_cfg=ModelConfig(base=str(tiny_model), max_length=24), cfg=cfg, out_dir=tmp_path / "model",
-                    work_dir=tmp_path / "work").summary
-    assert summary["optimizer_steps"] == summary["planned_optimizer_steps"]
+    built, recorder = [], EpochRecorder()
+
+    def build_and_record(*args, **kwargs):
+        trainer = real_build_trainer(*args, **kwargs)
+        trainer.add_callback(recorder)
+        built.append(trainer)
+        return trainer
+
+    real_build_trainer = tasks.train.build_trainer
+    folder, cfg = tmp_path_factory.mktemp("practiced"), TrainConfig(**PRACTICES)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tasks.train, "build_trainer", build_and_record)
+        for name in ("CUBLAS_WORKSPACE_CONFIG", "CUDA_LAUNCH_BLOCKING", "FLASH_ATTENTION_DETERMINISTIC"):
+            patch.delenv(name, raising=False)  # full_determinism sets these: restored afterwards
+        torch.use_deterministic_algorithms(False)  # so that the recorder sees train() switch it on
+        try:
+            summary = train(**gated, model_cfg=ModelConfig(base=str(tiny_model), max_length=24), cfg=cfg,
+                            out_dir=folder / "model", work_dir=folder / "work").summary
+        finally:
+            torch.use_deterministic_algorithms(False)  # train() leaves it on for the whole process
+    (trainer,) = built
+    return Practiced(trainer, recorder, summary, cfg, [row["labels"] for row in trainer.train_dataset], folder / "model")
+
+
+def block(name: str) -> str:
+    """The layer group of a tiny-BERT parameter, as layer-wise decay and gradual unfreezing see it."""
+    if name.startswith("bert.embeddings."):
+        return "embeddings"
+    if name.startswith("bert.encoder.layer."):
+        return "block " + name.split(".")[3]
+    assert name.startswith(("bert.pooler.", "classifier.")), name
+    return "head"
+
+
+def test_class_weights_balanced_changes_the_trainers_loss(practiced):
+    from sklearn.utils.class_weight import compute_class_weight
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    labels = np.array(practiced.train_labels)
+    counts = np.bincount(labels)
+    assert counts.min() * 2 < counts.max()  # the fixture's training split is imbalanced
+    weights = torch.tensor(compute_class_weight("balanced", classes=np.arange(len(counts)), y=labels), dtype=torch.float32)
+    rare, common = int(counts.argmin()), int(counts.argmax())
+    # an imbalanced batch (three common, one rare) scored by a model that favours the common class
+    batch = torch.tensor([common, common, common, rare])
+    logits = torch.full((4, len(counts)), -1.0)
+    logits[:, common] = 2.0
+    loss = practiced.trainer.compute_loss(lambda **inputs: SequenceClassifierOutput(logits=logits), {"labels": batch})
+    weighted = torch.nn.functional.cross_entropy(logits, batch, weight=weights)
+    unweighted = torch.nn.functional.cross_entropy(logits, batch)
+    assert loss.item() == pytest.approx(weighted.item(), rel=1e-6)
+    assert weighted.item() > 2 * unweighted.item()  # the rare row's error counts for more
+
+
+def test_layerwise_lr_decay_sets_the_optimizers_param_groups(practiced):
+    lr, decay = practiced.cfg.learning_rate, practiced.cfg.layerwise_lr_decay
+    optimizer = practiced.trainer.create_optimizer()  # the one the Trainer trained with
+    group_lr = {id(parameter): group["initial_lr"] for group in optimizer.param_groups for parameter in group["params"]}
+    by_block: dict[str, set[float]] = {}
+    for name, parameter in practiced.trainer.model.named_parameters():
+        by_block.setdefault(block(name), set()).add(group_lr[id(parameter)])  # KeyError: a parameter it never trains
+    assert sum(len(group["params"]) for group in optimizer.param_groups) == len(group_lr)
+    # lr·decay^(L−i) for block i of L = 2, embeddings one step lower still, the head at lr
+    assert {name: sorted(lrs) for name, lrs in by_block.items()} == {
+        "embeddings": [pytest.approx(lr * decay**3)], "block 0": [pytest.approx(lr * decay**2)],
+        "block 1": [pytest.approx(lr * decay)], "head": [pytest.approx(lr)]}
+
+
+def test_gradual_unfreezing_changes_requires_grad_per_epoch(practiced):
+    def blocks(names: set[str]) -> set[str]:
+        return {block(name) for name in names}
+
+    opened = [blocks(epoch["trainable"]) for epoch in practiced.recorder.epochs]
+    changed = [blocks(epoch["changed"]) for epoch in practiced.recorder.epochs]
+    assert opened == [{"head"}, {"head", "block 1"}, {"head", "block 1", "block 0"},
+                      {"head", "block 1", "block 0", "embeddings"}]
+    assert changed == opened  # the steps of each epoch moved exactly the parameters open in it
+
+
+def test_every_practice_switched_on_trains_and_records_it(practiced, gated):
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    summary, trainer, recorder = practiced.summary, practiced.trainer, practiced.recorder
+    train_rows = len(pd.read_parquet(gated["gated_data"] / "train.parquet"))
+    steps_per_epoch = math.ceil(math.ceil(train_rows / 4) / 2)  # batches of 4, two per optimizer step
+    assert summary["optimizer_steps"] == summary["planned_optimizer_steps"] == steps_per_epoch * 4
     assert summary["max_length"] == 24 and summary["max_length_source"] == "model.max_length"
-    diagnostics = summary["diagnostics"]
-    assert diagnostics["learning_rate"] and diagnostics["grad_norm"]["count"] > 0 and isinstance(diagnostics["collapsed"], bool)
-    assert "Training: full" in (tmp_path / "model" / "report.md").read_text()
+    assert recorder.gradient_checkpointing and recorder.deterministic
+    assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
+    # save_steps 3 on top of the per-epoch saves
+    assert set(range(3, summary["optimizer_steps"] + 1, 3)) <= set(recorder.saved_at)
+    # cosine decay after the warm-up, not linear
+    schedule, total = trainer.lr_scheduler.lr_lambdas[0], summary["optimizer_steps"]
+    warmup = trainer.args.get_warmup_steps(total)
+    assert [schedule(step) for step in range(warmup, total)] == pytest.approx(
+        [0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))) for step in range(warmup, total)])
+    assert "Training: full" in (practiced.out_dir / "report.md").read_text()
 
 
 def test_layerwise_groups_decay_from_the_head_down(tiny_model):
@@ -143,30 +278,47 @@ def prepare_workdir(workdir: Path, tiny_model: Path, **train) -> None:
         run_stage(STAGES[stage], params)
 
 
+def checkpoint_steps(workdir: Path) -> list[int]:
+    """Global steps of the checkpoints the Trainer finished writing (trainer_state.json, written last, parses)."""
+    steps = []
+    for path in (workdir / ".tuneflow").glob("*/checkpoints/*/checkpoint-*/trainer_state.json"):
+        try:
+            steps.append(json.loads(path.read_text())["global_step"])
+        except (OSError, ValueError, KeyError):  # being written, or rotated away
+            continue
+    return sorted(steps)
+
+
+@pytest.mark.slow
 def test_sigkilled_training_resumes_from_the_last_checkpoint(tiny_model, workdir):
-    prepare_workdir(workdir, tiny_model, epochs=12, save_steps=10)
+    prepare_workdir(workdir, tiny_model, epochs=2, save_steps=5)
     command = [str(TUNEFLOW), "train"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    states = []
-    while time.monotonic() < deadline and first.poll() is None:
-        states = list((workdir / ".tuneflow").glob("*/checkpoints/*/checkpoint-*/trainer_state.json"))
-        if any(json.loads(path.read_text())["global_step"] >= 30 for path in states if path.stat().st_size):
-            break
-        time.sleep(0.05)
-    assert first.poll() is None, "training finished before it could be killed"
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    try:
+        safety = time.monotonic() + 600  # only against a hang; the kill waits for the first checkpoint, not a clock
+        while not checkpoint_steps(workdir) and first.poll() is None and time.monotonic() < safety:
+            time.sleep(0.05)
+        assert first.poll() is None, "training ended before writing a checkpoint"
+        assert checkpoint_steps(workdir), "no checkpoint within the safety timeout"
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
     assert not (workdir / "artifacts" / "model").exists()
+    resume_step = checkpoint_steps(workdir)[-1]
+    assert resume_step > 0
 
-    second = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    # at info level the Trainer itself says where it continued (tuneflow's own line could be printed without resuming)
+    second = subprocess.run(command, cwd=workdir, env={**env, "TRANSFORMERS_VERBOSITY": "info"}, capture_output=True,
+                            text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "resuming from checkpoint" in second.stderr
+    assert f"Continuing training from global step {resume_step}\n" in second.stderr
     summary = json.loads((workdir / "artifacts" / "model" / "train_summary.json").read_text())
-    assert summary["resumed_from_step"] >= 30
     train_rows = len(pd.read_parquet(workdir / "artifacts" / "validation" / "data" / "train.parquet"))
-    assert summary["optimizer_steps"] == summary["planned_optimizer_steps"] == -(-train_rows // 2) * 12  # batch 2, 12 epochs
+    planned = math.ceil(train_rows / 2) * 2  # batch 2, 2 epochs
+    assert "resuming from checkpoint" in second.stderr and f"(step {resume_step} of {planned})" in second.stderr
+    assert summary["resumed_from_step"] == resume_step
+    assert summary["optimizer_steps"] == summary["planned_optimizer_steps"] == planned
     assert not list((workdir / ".tuneflow").glob("*/checkpoints/*"))  # pruned after success
 
 
@@ -205,6 +357,7 @@ def test_distributed_without_a_launcher_says_how_to_launch(tiny_model, gated, tm
               work_dir=tmp_path / "w")
 
 
+@pytest.mark.slow
 def test_single_process_cpu_run_under_accelerate_launch(tiny_model, workdir):
     prepare_workdir(workdir, tiny_model, epochs=1)
     accelerate = Path(sys.executable).parent / "accelerate"
@@ -215,3 +368,24 @@ def test_single_process_cpu_run_under_accelerate_launch(tiny_model, workdir):
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((workdir / "artifacts" / "model" / "train_summary.json").read_text())
     assert summary["distributed"] == "ddp" and summary["world_size"] == 1 and summary["weights_bytes"] > 0
+
+
+def test_early_stopping_stops_when_validation_macro_f1_stops_improving(tiny_model, gated, tmp_path):
+    """learning rate 1e-12: validation macro-F1 never improves, so patience 1 stops after the second of 6 epochs."""
+    from tasks.train import train
+
+    cfg = TrainConfig(epochs=6, batch_size=8, learning_rate=1e-12, warmup_ratio=0.0, early_stopping_patience=1, save_every_s=3600)
+    summary = train(**gated, model_cfg=ModelConfig(base=str(tiny_model), max_length=32), cfg=cfg,
+                    out_dir=tmp_path / "model", work_dir=tmp_path / "work").summary
+    assert summary["epochs_run"] == 2 and summary["best_epoch"] == 1
+    assert summary["optimizer_steps"] < summary["planned_optimizer_steps"]
+
+
+def test_a_checkpoint_whose_trainer_state_was_cut_short_is_not_resumed(tmp_path):
+    from tasks.train import last_complete_checkpoint
+
+    whole, torn = tmp_path / "checkpoint-4", tmp_path / "checkpoint-8"
+    for folder, state in ((whole, '{"global_step": 4}'), (torn, '{"global_st')):
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text(state)
+    assert last_complete_checkpoint(tmp_path) == whole and not torn.exists()

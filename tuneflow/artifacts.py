@@ -6,13 +6,20 @@ inside them. Stages, drivers, the dvc.yaml generator and the tests name artifact
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import hashlib
 import json
+import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
+
+from tuneflow.errors import InputError
 
 # stage output folders, relative to the artifacts root
 DATA = "data"
@@ -22,7 +29,10 @@ EXPORT = "export"
 EVAL = "eval"
 PROMOTION = "promotion"
 CHAMPION = "champion"
+OUTPUT_FOLDERS = (DATA, VALIDATION, MODEL, EXPORT, CHAMPION, EVAL, PROMOTION)
 SOURCE_FINGERPRINT = "source.json"  # what the DVC `source` stage records of data.source (see cli/dvc_yaml.py)
+MARKER = ".tuneflow-artifacts"  # in every folder tuneflow owns: the artifacts root and its scratch folder (Layout.work)
+CHECKPOINTS = "checkpoints"  # in Layout.work
 
 # files inside them
 REPORT = "report.md"  # every stage writes one: the human summary (and the Prefect artifact)
@@ -71,23 +81,132 @@ class Layout:
 
     @property
     def work(self) -> Path:
-        """Scratch space outside the DVC outs (Trainer checkpoints survive a failed stage here)."""
-        return self.root.parent / ".tuneflow" / self.root.name
+        """Scratch space outside the DVC outs (Trainer checkpoints survive a failed stage here): `.tuneflow/<root name>`
+        beside the root, named from the absolute path so that a root such as `.` or `..` cannot make it the root's parent."""
+        root = Path(os.path.abspath(self.root))
+        return root.parent / ".tuneflow" / root.name
+
+
+# --- which folders are tuneflow's, and how a stage folder is replaced -------------------------------------------
+#
+# A folder tuneflow writes into carries MARKER. Inside a marked artifacts root tuneflow replaces its stage output
+# folders and deletes only its own hidden leftovers, `.<output folder>.staging.<id>` (a stage's new content being
+# written) and `.<output folder>.old.<id>` (the version it replaces, renamed aside during the swap); nothing else.
+
+# `.model.staging.k3x9a_2q`, `.model.old.k3x9a_2q`, and `.model.k3x9a_2q` (the staging names before the marker)
+LEFTOVER = re.compile(rf"^\.(?P<target>{'|'.join(OUTPUT_FOLDERS)})\.(?:(?P<kind>staging|old)\.)?[a-z0-9_]+$")
+# an unmarked root from before the marker is adopted when it holds only these (see adoptable)
+TUNEFLOW_FILES = frozenset({SOURCE_FINGERPRINT, COMPARE, ".gitignore"})  # DVC writes .gitignore beside its outs
+
+
+def adoptable(entry: Path) -> bool:
+    """Whether an entry of an unmarked root is tuneflow's: a stage output folder with the params.json the runner
+    writes in every one (DVC restores them with it), a file or folder tuneflow writes at the root, or a leftover."""
+    if entry.name in OUTPUT_FOLDERS:
+        return (entry / PARAMS).is_file()
+    return entry.name in TUNEFLOW_FILES or entry.name == MARKER or (LEFTOVER.match(entry.name) is not None and entry.is_dir())
+
+
+def claim(folder: Path, owned: Callable[[Path], bool] = adoptable, what: str = "a tuneflow artifacts folder") -> bool:
+    """Make sure `folder` is tuneflow's before anything is written into it; returns whether it was created here.
+
+    A missing folder is created with the marker; an empty one, or one whose every entry is `owned`, is marked
+    (adopted); any other folder without the marker is refused: tuneflow never writes over what it did not make."""
+    marker = folder / MARKER
+    if marker.is_file():
+        return False
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: not a folder; set `artifacts` to a folder")
+    created = not folder.exists()
+    if not created:
+        foreign = sorted(entry.name for entry in folder.iterdir() if not owned(entry))
+        if foreign:
+            raise InputError(f"{folder}: not {what} (no {MARKER} file, and it holds {foreign[0]!r}, which tuneflow did "
+                             f"not write); set `artifacts` to a new or empty folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):  # a concurrent tuneflow process marked it first
+        with marker.open("x", encoding="utf-8") as handle:
+            json.dump({"written_by": "tuneflow", "what": what, "created": datetime.datetime.now(datetime.timezone.utc)
+                       .isoformat(timespec="seconds"), "note": "tuneflow replaces its own folders here; keep this file"}, handle)
+    return created
+
+
+def claim_work(work: Path) -> bool:
+    """`claim` for Layout.work: the checkpoints the Trainer writes (a folder from before the marker holds only those)."""
+    return claim(work, lambda entry: entry.name in (CHECKPOINTS, MARKER), f"tuneflow's scratch folder for {work.name}")
+
+
+def unclaim(folder: Path) -> None:
+    """Remove a folder this process created if nothing but the marker is in it (a refused stage leaves nothing behind)."""
+    if folder.is_dir() and {entry.name for entry in folder.iterdir()} <= {MARKER}:
+        (folder / MARKER).unlink(missing_ok=True)
+        folder.rmdir()
+
+
+@contextlib.contextmanager
+def holding(root: Path) -> Iterator[list[str]]:
+    """Hold the marked `root` for one stage. When no other tuneflow process holds it, first recover what a killed
+    run left in it (see `recover`); the list says what was done. The hold is a shared flock on the marker, which
+    the kernel drops when the process dies, so a leftover is never mistaken for another process's live folder."""
+    with (root / MARKER).open("rb") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another stage is running in this root: its staging folders are live
+            recovered: list[str] = []
+        else:
+            recovered = recover(root)
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        yield recovered
+
+
+def recover(root: Path) -> list[str]:
+    """Undo a kill in the marked `root`: an aside folder whose target is missing goes back (the old complete version
+    returns); every other tuneflow leftover is deleted. Call only while no other process is in a stage here."""
+    done = []
+    leftovers = sorted(entry for entry in root.iterdir() if LEFTOVER.match(entry.name) and entry.is_dir())
+    for entry in leftovers:
+        match = LEFTOVER.match(entry.name)
+        target = root / match["target"]
+        if match["kind"] == "old" and not os.path.lexists(target):
+            entry.rename(target)
+            done.append(f"restored {target.name}/ from {entry.name} (a run was killed while replacing it)")
+    for entry in leftovers:
+        if os.path.lexists(entry):
+            _remove(entry)
+            done.append(f"removed {entry.name} (left by a killed run)")
+    return done
 
 
 def staging_dir(target: Path) -> Path:
-    """An empty sibling folder to write `target`'s new content into."""
+    """An empty sibling folder, `.<name>.staging.<id>`, to write `target`'s new content into."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging.", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; artifacts are ordinary files
     return staging
 
 
 def publish(staging: Path, target: Path) -> None:
-    """Replace `target` with the finished `staging` folder."""
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
+    """Replace `target` with the finished `staging` folder: the old version is renamed aside, the new one renamed in,
+    then the aside deleted. Each rename is atomic, so a kill leaves `target` whole (old or new), or missing with the
+    old version aside, which `recover` puts back."""
+    aside = staging.with_name(staging.name.replace(".staging.", ".old.", 1))
+    if os.path.lexists(target):
+        target.rename(aside)
+    try:
+        staging.rename(target)
+    except OSError:
+        if os.path.lexists(aside):
+            aside.rename(target)
+        raise
+    if os.path.lexists(aside):
+        _remove(aside)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -21,6 +21,7 @@ BUILTIN_MINILM = "builtin:all-MiniLM-L6-v2"
 
 class DataConfig(Section):
     source: str = BUILTIN_BBC
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet", "folder"] = "auto"  # auto: by extension, folder if a directory
     text_column: str | int = "text"
     label_column: str | int = "label"
     sample: int | None = Field(default=None, gt=0)
@@ -110,10 +111,15 @@ class TrainConfig(Section):
     prompt_learning: PromptLearningOptions = PromptLearningOptions()
     adapter: AdapterOptions = AdapterOptions()
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        return method
+
     @model_validator(mode="after")
-    def _known_method(self) -> "TrainConfig":
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+    def _unfreezing_applies(self) -> "TrainConfig":
         if self.gradual_unfreezing and not METHODS[self.method].unfreezing:
             unfreezable = ", ".join(name for name, method in METHODS.items() if method.unfreezing)
             raise ValueError(f"gradual_unfreezing applies to methods {unfreezable}, not {self.method!r}")
@@ -254,7 +260,9 @@ def _describe(error: ValidationError, origin: str) -> str:
     if first["type"] == "extra_forbidden":
         return f"{origin}: unknown key {key!r}"
     message = first["msg"].removeprefix("Value error, ")
-    return f"{origin}: invalid value for {key!r}: {message} (got {first.get('input')!r})"
+    got = first.get("input")
+    # a check across a section's keys names them in its message; its input is the whole section
+    return f"{origin}: invalid value for {key!r}: {message}" + ("" if isinstance(got, dict) else f" (got {got!r})")
 
 
 def load_params(params_path: str | Path = "params.yaml", *layers: tuple[str, dict[str, Any]]) -> Params:
@@ -263,14 +271,7 @@ def load_params(params_path: str | Path = "params.yaml", *layers: tuple[str, dic
     Each layer is (origin, {"section.key": value}); the origin names where a bad key came from.
     """
     path = Path(params_path)
-    tree: dict[str, Any] = {}
-    if path.exists():
-        try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as error:
-            raise InputError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-        if not isinstance(tree, dict):
-            raise InputError(f"{path}: expected a mapping of sections at the top level")
+    tree: dict[str, Any] = read_yaml(path) if path.exists() else {}
     for origin, overrides in ((str(path), {}), *layers):
         for key, value in overrides.items():
             _apply(tree, key, value, origin)
@@ -286,11 +287,26 @@ def load_pipelines(path: str | Path = "pipelines.yaml") -> PipelinesFile:
     if not path.exists():
         raise InputError(f"{path}: file not found")
     try:
-        return PipelinesFile.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
-    except yaml.YAMLError as error:
-        raise InputError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        return PipelinesFile.model_validate(read_yaml(path))
     except ValidationError as error:
         raise InputError(_describe(error, str(path))) from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty: {}); anything else is one line naming the file."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a YAML file")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start})") from None
+    except yaml.YAMLError as error:
+        raise InputError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot read ({error.strerror})") from None
+    if not isinstance(tree, dict):
+        raise InputError(f"{path}: expected a mapping of sections at the top level")
+    return tree
 
 
 def pipeline_params(

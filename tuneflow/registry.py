@@ -231,16 +231,16 @@ class Registry:
             info = mlflow.onnx.log_model(
                 onnx.load(str(onnx_path)),
                 name="model",
-                registered_model_name=model_name,
                 extra_files=[str(path) for path in extra_files],
                 save_as_external_data=False,
                 # named, not inferred: inference runs a pip subprocess (about 2 s) for a known answer
                 pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
                 metadata={key: tags[key] for key in ("data_hash", "method", "base_model") if key in tags},
             )
-        version = Version(model_name, str(info.registered_model_version), run.info.run_id, tags)
-        self.tag_version(version, tags)
-        return version
+            # the version and its tags in one registry write: a kill never leaves a version without its identity
+            # (find_version) and its promotion tag
+            registered = mlflow.register_model(info.model_uri, model_name, tags=tags)
+        return Version(model_name, str(registered.version), run.info.run_id, tags)
 
     def tag_version(self, version: Version, tags: dict[str, str]) -> None:
         with self.calling(f"tagging {version.name} v{version.version}"):
@@ -283,18 +283,20 @@ class Registry:
         """Exclusive right to move `name`'s aliases: one writer at a time, across processes and machines."""
         from mlflow.exceptions import MlflowException
 
-        lock_name, holder = name + LOCK_SUFFIX, f"{actor()} pid {os.getpid()}"
+        lock_name = name + LOCK_SUFFIX
+        holder = {"holder": f"{actor()} pid {os.getpid()}", "host": _process_host(), "pid": str(os.getpid())}
         deadline = time.monotonic() + wait_s
         while True:
             try:
-                self.client.create_registered_model(lock_name, tags={"holder": holder, "since": str(time.time())},
+                self.client.create_registered_model(lock_name, tags={**holder, "since": str(time.time())},
                                                     description=f"held by tuneflow while it moves {name}'s aliases")
                 break
             except MlflowException as error:
                 if getattr(error, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                     raise self.failure(f"locking {name}", error) from error
             held = self._lock_holder(lock_name)
-            if held is not None and time.time() - held[1] > stale_s:  # a crashed holder: break its lock
+            # a holder that died (killed, crashed) never releases: break its lock at once if it is known dead, else when stale
+            if held is not None and (held[2] or time.time() - held[1] > stale_s):
                 with contextlib.suppress(MlflowException):
                     self.client.delete_registered_model(lock_name)
                 continue
@@ -308,11 +310,35 @@ class Registry:
             with contextlib.suppress(MlflowException):
                 self.client.delete_registered_model(lock_name)
 
-    def _lock_holder(self, lock_name: str) -> tuple[str, float] | None:
+    def _lock_holder(self, lock_name: str) -> tuple[str, float, bool] | None:
+        """Who holds the lock, since when, and whether that process is known to be dead: it ran on this host (and
+        PID namespace) and its pid is gone. A holder elsewhere can only go stale."""
         lock = self.registered(lock_name)
         if lock is None:
             return None
-        return lock.tags.get("holder", "unknown holder"), float(lock.tags.get("since", "0") or 0)
+        tags = lock.tags
+        pid = tags.get("pid", "")
+        dead = tags.get("host") == _process_host() and pid.isdigit() and int(pid) > 0 and not _pid_alive(int(pid))
+        return tags.get("holder", "unknown holder"), float(tags.get("since", "0") or 0), dead
+
+
+def _process_host() -> str:
+    """This host, with its PID namespace where Linux tells it: containers that share a hostname have separate pids."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return socket.gethostname()
+    return f"{socket.gethostname()} {namespace}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        return True
+    return True
 
 
 def champion_stack(history: list[dict[str, Any]]) -> list[str]:
@@ -332,36 +358,47 @@ def champion_stack(history: list[dict[str, Any]]) -> list[str]:
 
 def rollback(registry: Registry, name: str, reason: str, to: str | None = None) -> dict[str, Any]:
     """Move @champion back to the previous champion (or to `to`, which must have been champion before)."""
+    rollback_target(registry, name, to)  # refuse before the lock: taking it is already a registry write
     with registry.lock(name):
-        current = registry.by_alias(name, CHAMPION)
-        if current is None:
-            raise InputError(f"{name}: no @champion to roll back")
-        history = registry.history(name)
-        stack = champion_stack(history)
-        if not stack or stack[-1] != current.version:
-            raise InputError(f"{name}: @champion is v{current.version} but its history ends at "
-                             f"{f'v{stack[-1]}' if stack else 'nothing'} (moved outside tuneflow?); name the target with --to")
-        if to is None:
-            if len(stack) < 2:
-                raise InputError(f"{name}: v{current.version} is the first champion; there is nothing to roll back to")
-            to = stack[-2]
-        elif to == current.version:
-            raise InputError(f"{name}: v{to} already is @champion")
-        elif to not in {entry["to_version"] for entry in history if entry["alias"] == CHAMPION}:
-            raise InputError(f"{name}: v{to} was never @champion; use `tuneflow registry promote {name} {to} --force --reason ...`")
-        target = registry.get(name, to)
+        target = rollback_target(registry, name, to)
         return registry.move_alias(name, CHAMPION, target.version, reason=reason, run_id=target.run_id, action="rollback")
+
+
+def rollback_target(registry: Registry, name: str, to: str | None) -> Version:
+    current = registry.by_alias(name, CHAMPION)
+    if current is None:
+        raise InputError(f"{name}: no @champion to roll back")
+    history = registry.history(name)
+    stack = champion_stack(history)
+    if not stack or stack[-1] != current.version:
+        raise InputError(f"{name}: @champion is v{current.version} but its history ends at "
+                         f"{f'v{stack[-1]}' if stack else 'nothing'} (moved outside tuneflow?); name the target with --to")
+    if to is None:
+        if len(stack) < 2:
+            raise InputError(f"{name}: v{current.version} is the first champion; there is nothing to roll back to")
+        to = stack[-2]
+    elif to == current.version:
+        raise InputError(f"{name}: v{to} already is @champion")
+    elif to not in {entry["to_version"] for entry in history if entry["alias"] == CHAMPION}:
+        raise InputError(f"{name}: v{to} was never @champion; use `tuneflow registry promote {name} {to} --force --reason ...`")
+    return registry.get(name, to)
 
 
 def force_promote(registry: Registry, name: str, version: str, reason: str) -> dict[str, Any]:
     """Move @champion to `version` whatever its verdict said, recorded as forced with the reason given."""
+    force_target(registry, name, version)  # refuse before the lock, as rollback does
     with registry.lock(name):
-        target = registry.get(name, version)
-        current = registry.by_alias(name, CHAMPION)
-        if current is not None and current.version == target.version:
-            raise InputError(f"{name}: v{version} already is @champion")
+        target = force_target(registry, name, version)
         return registry.move_alias(name, CHAMPION, target.version, reason=reason, run_id=target.run_id,
                                    forced=True, action="force")
+
+
+def force_target(registry: Registry, name: str, version: str) -> Version:
+    target = registry.get(name, version)
+    current = registry.by_alias(name, CHAMPION)
+    if current is not None and current.version == target.version:
+        raise InputError(f"{name}: v{version} already is @champion")
+    return target
 
 
 def temporary_dir() -> tempfile.TemporaryDirectory:
