@@ -22,7 +22,7 @@ from tuneflow.baseline import baseline_probabilities
 from tuneflow.checks import Check, gate_passed
 from tuneflow.config import EvaluateConfig, ModelConfig
 from tuneflow.data import read_splits
-from tuneflow.errors import InputError
+from tuneflow.errors import InputError, first_line
 from tuneflow.latency import OnnxTarget, Plan, TorchTarget, profile
 from tuneflow.onnx_runtime import OnnxClassifier
 from tuneflow.perturb import PERTURBATIONS, perturb
@@ -127,8 +127,7 @@ def load_onnx(onnx_path: Path, assets_dir: Path, threads: int | None) -> OnnxCla
     try:
         return OnnxClassifier(onnx_path, assets_dir, threads)
     except Exception as error:  # onnxruntime raises its own exception types for a corrupt graph
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise InputError(f"{onnx_path}: ONNX Runtime cannot load it ({type(error).__name__}: {first[:200]}); run `tuneflow export`") from None
+        raise InputError(f"{onnx_path}: ONNX Runtime cannot load it ({type(error).__name__}: {first_line(error)}); run `tuneflow export`") from None
 
 
 # --- the measurements -----------------------------------------------------------------------------------------
@@ -233,7 +232,7 @@ def compare_with_champion(record: dict[str, Any], onnx_sha256: str, split: dict[
             champion = OnnxClassifier.from_mlflow_model(folder, cfg.threads)
         except Exception as error:  # a missing or corrupt artifact is a verdict entry, not a crash
             return base | {"reason": f"champion v{version}'s artifact cannot be loaded from the registry store ({type(error).__name__}: "
-                                     f"{str(error).strip().splitlines()[0][:160] if str(error).strip() else ''})"}
+                                     f"{first_line(error, 160)})"}
         if champion.labels != labels:
             return base | {"reason": f"champion v{version} predicts labels {champion.labels}, the candidate {labels}"}
         predicted = champion.logits(texts).argmax(axis=-1)

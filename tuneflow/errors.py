@@ -1,6 +1,12 @@
 """Exceptions that map to the documented exit codes (see README, "Exit codes")."""
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, cut to `limit` characters ("" if it has none): for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
 class TuneflowError(Exception):
     """A failure tuneflow explains in one line. Exit code 1."""
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tuneflow.config import BUILTIN_MINILM, ModelConfig
-from tuneflow.errors import InputError
+from tuneflow.errors import InputError, first_line
 
 _HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -53,8 +53,7 @@ def loading(spec: str) -> Iterator[None]:
     try:
         yield
     except (OSError, ValueError) as error:  # ValueError: a config.json transformers does not recognise
-        first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise InputError(f"model.base: cannot load {spec!r}: {first_line}") from None
+        raise InputError(f"model.base: cannot load {spec!r}: {first_line(error) or type(error).__name__}") from None
 
 
 def load_classifier(cfg: ModelConfig, labels: list[str], **from_pretrained: object):

@@ -337,7 +337,7 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # it exists, as another user's process
-        return True
+        pass
     return True
 
 
