@@ -7,7 +7,7 @@ SHELL := /bin/bash
 # this machine's pip config lists local indexes that print one warning per package: drop those lines only
 PIP_QUIET := 2>&1 | sed '/is ignored: it is neither a file nor a directory/d'
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench clean server deploy
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,15 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -rs
+
+# A persistent Prefect server on loopback (UI at http://127.0.0.1:$(PREFECT_PORT)); its scheduler fires the cron
+# schedules that `make deploy` (in a second shell) registers and serves. Its database: $$PREFECT_HOME (~/.prefect).
+PREFECT_PORT ?= 4200
+server: setup
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+deploy: setup
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/tuneflow deploy
 
 bench: setup
 	$(BIN)/python benchmarks/pipeline_wall_time.py

@@ -50,7 +50,9 @@ def dvc_document(params: Params) -> dict[str, Any]:
     return {
         "stages": stages,
         "metrics": [f"{root}/{path}" for stage in STAGES.values() for path in stage.metrics],
-        "plots": [f"{root}/{path}" for stage in STAGES.values() for path in stage.plots],
+        "plots": [f"{root}/{path}" for stage in STAGES.values() for path in stage.plots]
+                 + [{f"{root}/{path}": {"x": "step", "y": list(columns)}} for stage in STAGES.values()
+                    for path, columns in stage.curves.items()],
     }
 
 

@@ -12,6 +12,7 @@ import traceback
 from pathlib import Path
 
 from cli import registry
+from cli import reproduce as reproduce_command
 from cli import serve as serve_command
 from tuneflow import progress
 from tuneflow.errors import TuneflowError
@@ -39,12 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--dry-run", action="store_true", help="print the deployments and exit instead of serving them")
     compare = commands.add_parser("compare", parents=[overrides], help="train several methods on the same split and compare them")
     compare.add_argument("--methods", required=True, help="comma-separated train.method names, e.g. lora,full,prefix")
+    from cli import plan as plan_command
+
+    plan_command.add_arguments(commands.add_parser("plan", parents=[overrides],
+                                                   help="estimate every method's cost and quality on this data and machine; recommend one"))
+    from cli import tune as tune_command
+
+    tune_command.add_arguments(commands.add_parser("tune", parents=[overrides],
+                                                   help="search train.method's hyperparameters (Optuna, on validation); write the best as a pipeline"))
     dvc_yaml = commands.add_parser("dvc-yaml", help="write dvc.yaml from the stage table (or --check that it is current)")
     dvc_yaml.add_argument("--output", default="dvc.yaml")
     dvc_yaml.add_argument("--check", action="store_true", help="exit 2 if the file differs from what the table generates")
     commands.add_parser("fingerprint", help="record the content hash of data.source (the `source` stage of dvc.yaml)")
     registry.add_parser(commands)
     serve_command.add_arguments(commands.add_parser("serve", help="HTTP inference from the registry's @champion (FastAPI, ONNX Runtime)"))
+    reproduce_command.add_arguments(commands.add_parser("reproduce", help="re-run a registered version's exact params and data; compare metrics and predictions"))
     for stage in STAGES.values():
         command = commands.add_parser(stage.name, parents=[overrides], help=f"{stage.help} (dvc.yaml calls this)")
         for flag, (key, help_text) in stage.flags.items():
@@ -56,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     # No phoning home from the tools we drive (and no error lines on offline machines); users may opt in.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per download floods logs
     # bitsandbytes (imported by PEFT) warns on every start that an optional hub-fetched CPU kernel is absent
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
@@ -86,6 +97,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return registry.run(args)
     if args.command == "serve":
         return serve_command.serve(args)
+    if args.command == "reproduce":
+        return reproduce_command.reproduce(args)
     if args.command == "fingerprint":
         from cli.dvc_yaml import write_fingerprint
 
@@ -96,6 +109,14 @@ def dispatch(args: argparse.Namespace) -> int:
         return run_pipeline(params, run_name)
     if args.command == "compare":
         return run_compare(load_params(args.params, command_line), args)
+    if args.command == "plan":
+        from cli import plan as plan_command
+
+        return plan_command.plan(args, command_line)
+    if args.command == "tune":
+        from cli import tune as tune_command
+
+        return tune_command.tune(args, command_line)
 
     from pipeline.runner import RunFacts, run_stage
     from pipeline.table import STAGES
@@ -122,15 +143,35 @@ def deploy(args: argparse.Namespace) -> int:
 
     deployments = build_deployments(args.pipelines_file, args.params, args.pipelines)
     for deployment in deployments:
-        cron = ", ".join(schedule.schedule.cron for schedule in deployment.schedules or []) or "no schedule (run on demand)"
+        cron = ", ".join(f"{entry.schedule.cron} ({entry.schedule.timezone})" for entry in deployment.schedules or []) or "no schedule (run on demand)"
         print(f"{deployment.name}: {cron} → flow {deployment.flow_name} (pipeline={deployment.parameters['pipeline']})")
     if args.dry_run:
         return EXIT_OK
     from prefect import serve
 
-    progress.say(f"[tuneflow] serving {len(deployments)} deployment(s) on {os.environ.get('PREFECT_API_URL') or 'an ephemeral server'}; Ctrl-C stops")
+    api = prefect_server()
+    progress.say(f"[tuneflow] serving {len(deployments)} deployment(s) on {api}; Ctrl-C stops")
     serve(*deployments)
     return EXIT_OK
+
+
+def prefect_server() -> str:
+    """The API URL of a running Prefect server: schedules fire only there (an ephemeral server runs no scheduler)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    from tuneflow.errors import InputError
+
+    api = get_current_settings().api.url
+    if not api:
+        raise InputError("PREFECT_API_URL is not set: deployments served on Prefect's ephemeral server never fire their "
+                         "schedules; start a server (`make server`) and export PREFECT_API_URL=http://127.0.0.1:4200/api")
+    with get_client(sync_client=True) as client:
+        failure = client.api_healthcheck()
+    if failure is not None:
+        raise InputError(f"PREFECT_API_URL={api}: no Prefect server answers there ({type(failure).__name__}); "
+                         "start one with `make server`")
+    return api
 
 
 def run_compare(params, args: argparse.Namespace) -> int:

@@ -41,10 +41,7 @@ def run(args: argparse.Namespace) -> int:
             aliases = ", ".join(f"@{alias}=v{version}" for alias, version in sorted(registry.aliases(name).items()))
             print(f"{name}  {len(registry.versions(name))} version(s)  {aliases or 'no aliases'}")
     elif command == "show" and args.version:
-        version = registry.get(args.name, args.version)
-        print(f"{version.name} v{version.version}  run {version.run_id}")
-        for key, value in sorted(version.tags.items()):
-            print(f"  {key}: {value}")
+        show_lineage(registry, registry.get(args.name, args.version))
     elif command == "show":
         aliases = registry.aliases(args.name)
         found = registry.versions(args.name)
@@ -67,6 +64,20 @@ def run(args: argparse.Namespace) -> int:
                              "a gated promotion is `tuneflow run` or `tuneflow promote`")
         print(format_entry(force_promote(registry, args.name, args.version, args.reason)))
     return 0
+
+
+def show_lineage(registry, version) -> None:
+    """A version's lineage: its tags (data hash, stage hashes, git commit, method, base-model hash, verdict...), its run
+    and the params it was trained with; `tuneflow reproduce NAME VERSION` re-runs them."""
+    import yaml
+
+    from tuneflow.registry import run_link
+
+    print(f"{version.name} v{version.version}  {run_link(registry.uri, version.run_id)}")
+    for key, value in sorted(version.tags.items()):
+        print(f"  {key}: {value}")
+    print("  params (resolved, as trained):")
+    print("\n".join("    " + line for line in yaml.safe_dump(registry.resolved_params(version), sort_keys=False).splitlines()))
 
 
 def format_entry(entry: dict) -> str:

@@ -3,6 +3,8 @@
 The data is ingested and gated once; each method then gets its own artifacts root (<artifacts>/compare/<method>)
 whose data and validation folders link to the shared ones. Training runs in a fresh `tuneflow train`
 process per method so its peak RSS is its own; export and evaluation are the spine's stages, unchanged.
+Methods are ranked on the validation split (the best epoch's macro-F1 that train keeps, in train_summary.json); the
+test metrics come from each method's evaluation gate and are shown last, for the record: they never order or pick.
 Writes <artifacts>/compare/comparison.md and comparison.json and logs one MLflow run (a nested run per method).
 """
 
@@ -24,13 +26,17 @@ from tuneflow import artifacts, progress
 from tuneflow.artifacts import Layout, read_json, write_json
 from tuneflow.config import Params, parse_set
 
-COLUMNS = [("method", "method"), ("learning_rate", "lr"), ("test_macro_f1", "macro-F1"), ("test_accuracy", "accuracy"),
+RANKED_BY = "best_validation_macro_f1"
+COLUMNS = [("rank", "rank"), ("method", "method"), ("learning_rate", "lr"),
+           ("best_validation_macro_f1", "validation macro-F1 (ranks)"), ("best_validation_accuracy", "validation accuracy"),
            ("trainable_params", "trainable params"), ("train_time_s", "train time (s)"), ("peak_rss_mb", "peak RSS (MB)"),
-           ("weights_mb", "adapter/checkpoint (MB)"), ("parity_max_abs_logit_diff", "ONNX parity max |Δ|"), ("status", "status")]
+           ("weights_mb", "adapter/checkpoint (MB)"), ("parity_max_abs_logit_diff", "ONNX parity max |Δ|"), ("status", "status"),
+           ("test_macro_f1", "test macro-F1 (not used to rank)"), ("test_accuracy", "test accuracy")]
 
 
-def method_layout(root: Path, shared: Layout, method: str) -> Layout:
-    layout = Layout(root / method)
+def linked_layout(root: Path, shared: Layout, name: str) -> Layout:
+    """An artifacts root <root>/<name> whose data and validation folders link to the shared ones (gated once)."""
+    layout = Layout(root / name)
     layout.root.mkdir(parents=True, exist_ok=True)
     for name in (artifacts.DATA, artifacts.VALIDATION):
         link = layout.root / name
@@ -43,7 +49,7 @@ def method_layout(root: Path, shared: Layout, method: str) -> Layout:
 def compare_one(method: str, params: Params, params_file: str, overrides: list[str], root: Path, shared: Layout) -> dict[str, Any]:
     from tuneflow.methods import METHODS
 
-    layout = method_layout(root, shared, method)
+    layout = linked_layout(root, shared, method)
     # each method at its own suggested learning rate (full fine-tuning diverges at LoRA's 1e-3), unless one is given
     learning_rate = params.train.learning_rate if "train.learning_rate" in parse_set(overrides) else METHODS[method].suggested_lr
     command = [sys.executable, "-m", "cli", "--params", params_file, "train",
@@ -77,12 +83,19 @@ def compare_one(method: str, params: Params, params_file: str, overrides: list[s
         "peak_rss_mb": summary["peak_rss_mb"],
         "weights_mb": round(summary["weights_bytes"] / 2**20, 3),
         "best_validation_macro_f1": summary["best_validation_macro_f1"],
+        "best_validation_accuracy": summary["best_validation_accuracy"],
         "epochs_run": summary["epochs_run"],
         "parity_max_abs_logit_diff": parity["max_abs_logit_diff"],
         "parity_passed": parity["passed"],
         "overfitting": summary["diagnostics"]["overfitting"],
         "status": "ok" if parity["passed"] else "parity failed",
     }
+
+
+def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Best validation macro-F1 first; a method that failed (training, export, parity) comes last, unranked."""
+    ranked = sorted((row for row in rows if row["status"] == "ok"), key=lambda row: -row[RANKED_BY])
+    return [{**row, "rank": place} for place, row in enumerate(ranked, 1)] + [row for row in rows if row["status"] != "ok"]
 
 
 def render(rows: list[dict[str, Any]], card: dict[str, Any], params: Params) -> str:
@@ -95,9 +108,15 @@ def render(rows: list[dict[str, Any]], card: dict[str, Any], params: Params) -> 
     lines = [f"# Method comparison on {card['source']}", "",
              f"Same split for every method: train {counts['train']}, validation {counts['validation']}, test {counts['test']}; "
              f"{params.train.epochs:g} epochs, batch {params.train.batch_size}, each method at its lr below, "
-             f"base {params.model.base}. Test metrics are measured on each method's exported ONNX model.", "",
+             f"base {params.model.base}. Ranked on the validation split: each method's best-epoch validation macro-F1. "
+             f"The test columns, last, are each method's exported ONNX model on the test split, for the record: "
+             f"they do not order or choose anything.", "",
              "| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell(row.get(key)) for key, _ in COLUMNS) + " |" for row in rows]
+    if rows and "rank" in rows[0]:
+        best = rows[0]
+        lines += ["", f"Chosen on validation: **{best['method']}** (validation macro-F1 {best[RANKED_BY]:.4f}); its test "
+                      f"macro-F1 {best['test_macro_f1']:.4f} is the estimate to report for it."]
     return "\n".join(lines) + "\n"
 
 
@@ -129,10 +148,11 @@ def compare(params: Params, methods: list[str], params_file: str = "params.yaml"
         with progress.stage(stage):
             run_stage(STAGES[stage], params)
     root = shared.root / artifacts.COMPARE
-    rows = [compare_one.with_options(name=f"compare-{method}")(method, params, params_file, overrides or [], root, shared)
-            for method in methods]
+    rows = rank([compare_one.with_options(name=f"compare-{method}")(method, params, params_file, overrides or [], root, shared)
+                 for method in methods])
     markdown = render(rows, read_json(shared.gated_data / artifacts.DATA_CARD), params)
-    write_json(root / artifacts.COMPARISON_JSON, {"methods": methods, "rows": rows})
+    chosen = rows[0]["method"] if rows and "rank" in rows[0] else None
+    write_json(root / artifacts.COMPARISON_JSON, {"methods": methods, "ranked_by": RANKED_BY, "chosen": chosen, "rows": rows})
     (root / artifacts.COMPARISON_MD).write_text(markdown, encoding="utf-8")
     run_id = log_to_mlflow(rows, params, root) if rows else None
     create_markdown_artifact(markdown=markdown, key="method-comparison", description=f"tuneflow compare (MLflow run {run_id})")

@@ -29,7 +29,8 @@ class Stage:
     context: tuple[str, ...] = ()  # run facts the entry takes: work_dir, run_name, experiment
     reads_source: bool = False  # reads the data named by data.source (fingerprinted for both caches)
     metrics: tuple[str, ...] = ()  # JSON files DVC shows with `dvc metrics`
-    plots: tuple[str, ...] = ()
+    plots: tuple[str, ...] = ()  # images
+    curves: dict[str, tuple[str, ...]] = field(default_factory=dict)  # CSV file -> the columns DVC plots against "step"
     cache: bool = True  # False: always runs under Prefect (champion and promote read the live registry)
     always_changed: bool = False  # DVC re-runs it on every repro and does not cache its output (live state)
     flags: dict[str, tuple[str, str]] = field(default_factory=dict)  # CLI flag -> (params key set to true, help)
@@ -52,7 +53,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in [
           params={"model_cfg": "model", "cfg": "train"},
           inputs={"gated_data": GATED_DATA, "gate_report": f"{a.VALIDATION}/{a.GATE_REPORT}",
                   "ingest_card": f"{a.DATA}/{a.DATA_CARD}"},
-          output=a.MODEL, context=("work_dir",), plots=(f"{a.MODEL}/{a.LOSS_CURVES}",)),
+          output=a.MODEL, context=("work_dir",), plots=(f"{a.MODEL}/{a.LOSS_CURVES}",),
+          curves={f"{a.MODEL}/{a.TRAIN_CURVE}": ("loss",), f"{a.MODEL}/{a.VALIDATION_CURVE}": ("loss", "macro_f1", "accuracy")}),
     Stage("export", "tasks.export:export", "merge or wrap the trained model, export ONNX, check parity",
           params={"model_cfg": "model", "cfg": "export"}, inputs={"model_dir": a.MODEL, "data_dir": GATED_DATA},
           output=a.EXPORT),

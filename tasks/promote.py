@@ -104,6 +104,8 @@ def promote(params: Params, validation_dir: Path, model_dir: Path, export_dir: P
         "onnx_opset": str(parity.get("opset", params.export.opset)),
         "shipped_file": onnx_path.name,
         "pipeline": run_name,
+        # lineage: each stage folder's content hash (what the Prefect cache checks); `registry show` prints them
+        "stage_hashes": json.dumps({folder.name: content_hash(folder) for folder in (validation_dir, model_dir, export_dir, eval_dir)}),
         "verdict": "passed" if verdict["passed"] else "failed",
         "verdict_summary": verdict["summary"],
         "test_macro_f1": f"{metrics['macro_f1']:.6f}",

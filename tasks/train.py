@@ -14,10 +14,11 @@ import math
 import os
 import resource
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -144,10 +145,12 @@ def require_gate_passed(gate_report: Path, gated_data: Path, ingest_card: Path) 
 
 
 def train(gated_data: Path, gate_report: Path, ingest_card: Path, model_cfg: ModelConfig, cfg: TrainConfig,
-          out_dir: Path, work_dir: Path) -> TrainResult:
+          out_dir: Path, work_dir: Path, callbacks: Sequence[Any] = ()) -> TrainResult:
     """Fine-tune `model_cfg.base` with `cfg.method` on the train split; keep the best validation epoch.
 
-    The steps: check the gate, encode the splits, build the model, resume or start, train, summarise."""
+    `callbacks`: extra transformers TrainerCallbacks from a driver (`tuneflow tune` reports each evaluation to its
+    trial). The test split is not read here. The steps: check the gate, encode the splits, build the model, resume or
+    start, train, summarise."""
     import torch
     from transformers import set_seed
 
@@ -164,7 +167,7 @@ def train(gated_data: Path, gate_report: Path, ingest_card: Path, model_cfg: Mod
     card = read_json(gated_data / artifacts.DATA_CARD)
     labels = card["labels"]
     tokenizer = load_tokenizer(model_cfg)
-    splits = read_splits(gated_data)
+    splits = read_splits(gated_data, ("train", "validation"))
 
     max_length, max_length_source = pick_max_length(model_cfg, cfg, method, tokenizer, splits["train"]["text"].tolist())
     label_ids = {label: index for index, label in enumerate(labels)}
@@ -178,7 +181,8 @@ def train(gated_data: Path, gate_report: Path, ingest_card: Path, model_cfg: Mod
 
     key = run_key(model_cfg, cfg, card["data_hash"])
     run_dir, resume = checkpoint_to_resume(work_dir / artifacts.CHECKPOINTS, key, method)
-    trainer = build_trainer(model, method, cfg, tokenizer, train_set, validation_set, labels, run_dir, total_steps, bf16)
+    trainer = build_trainer(model, method, cfg, tokenizer, train_set, validation_set, labels, run_dir, total_steps, bf16,
+                            callbacks)
     resumed = read_json(resume / "trainer_state.json") if resume else {"global_step": None, "epoch": 0}
     if resume is not None:
         progress.say(f"[tuneflow] resuming from checkpoint {resume} (step {resumed['global_step']} of {total_steps})")
@@ -205,7 +209,7 @@ def train(gated_data: Path, gate_report: Path, ingest_card: Path, model_cfg: Mod
                               "texts_sha256": texts_hash(validation_texts)}}
     for warning in summary["diagnostics"]["warnings"]:
         progress.say(f"[tuneflow] warning: {warning}")
-    from tuneflow.training import plot_curves
+    from tuneflow.training import plot_curves, write_curves
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in final.iterdir():
@@ -213,6 +217,7 @@ def train(gated_data: Path, gate_report: Path, ingest_card: Path, model_cfg: Mod
     tokenizer.save_pretrained(out_dir)
     write_logits(out_dir / artifacts.VALIDATION_LOGITS, validation_logits)
     plot_curves(summary["log_history"], out_dir / artifacts.LOSS_CURVES)
+    write_curves(summary["log_history"], out_dir / artifacts.TRAIN_CURVE, out_dir / artifacts.VALIDATION_CURVE)
     (out_dir / artifacts.REPORT).write_text(render_report(summary), encoding="utf-8")
     write_json(out_dir / artifacts.TRAIN_SUMMARY, summary)
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -284,18 +289,18 @@ def checkpoint_to_resume(checkpoints_root: Path, key: str, method: Method) -> tu
 
 
 def build_trainer(model, method: Method, cfg: TrainConfig, tokenizer, train_set, validation_set, labels: list[str],
-                  run_dir: Path, total_steps: int, bf16: bool):
-    """The HF Trainer with the method's callbacks and the training practices the config switches on."""
+                  run_dir: Path, total_steps: int, bf16: bool, extra_callbacks: Sequence[Any] = ()):
+    """The HF Trainer with the method's callbacks, the driver's, and the training practices the config switches on."""
     import torch
     from sklearn.metrics import accuracy_score, f1_score
-    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments
+    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
 
     from tuneflow import distributed
-    from tuneflow.training import (CheckpointCadence, GradualUnfreezing, balanced_class_weights, layerwise_param_groups,
-                                   unfreezing_groups, weighted_loss)
+    from tuneflow.training import (CheckpointCadence, GradualUnfreezing, ProgressLines, balanced_class_weights,
+                                   layerwise_param_groups, unfreezing_groups, weighted_loss)
 
     callbacks: list[Any] = [EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience),
-                            CheckpointCadence(cfg.save_every_s, cfg.save_steps), *method.callbacks()]
+                            CheckpointCadence(cfg.save_every_s, cfg.save_steps), *method.callbacks(), *extra_callbacks]
     optimizer = None
     if cfg.layerwise_lr_decay < 1.0 or cfg.gradual_unfreezing:
         # built over every parameter that will train, frozen ones included: the Trainer's own optimizer
@@ -347,11 +352,16 @@ def build_trainer(model, method: Method, cfg: TrainConfig, tokenizer, train_set,
         dataloader_num_workers=0,
         deepspeed=str(deepspeed) if deepspeed else None,
         save_safetensors=True,
+        disable_tqdm=not sys.stderr.isatty(),
     )
-    return Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=validation_set,
-                   data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
-                   compute_metrics=compute_metrics, compute_loss_func=loss_func, optimizers=(optimizer, None),
-                   callbacks=callbacks)
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=validation_set,
+                      data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
+                      compute_metrics=compute_metrics, compute_loss_func=loss_func, optimizers=(optimizer, None),
+                      callbacks=callbacks)
+    if args.disable_tqdm:  # a log, not a terminal: a line every 30 s and per evaluation instead of every log dict
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(ProgressLines())
+    return trainer
 
 
 def summarise(trainer, method: Method, model_cfg: ModelConfig, cfg: TrainConfig, labels: list[str], final: Path,

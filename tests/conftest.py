@@ -19,6 +19,10 @@ needs_mr = pytest.mark.skipif(not MR_CSV.exists(), reason=f"shared MR dataset no
 TUNEFLOW = Path(sys.executable).parent / "tuneflow"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the dvc commands tests run would otherwise start DVC's analytics daemon, which outlives the test
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# Prefect's temporary server (`tuneflow run` without PREFECT_API_URL) may take longer than its 20 s default on a busy machine
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 @pytest.fixture(scope="session")
@@ -106,3 +110,42 @@ def copy_repo_files(target: Path, *names: str) -> None:
             shutil.copytree(source, target / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(source, target / name)
+
+
+def start_prefect_server(home: Path, services: bool = False):
+    """`prefect server start` on a free loopback port; returns (process, env with PREFECT_API_URL). Services (the
+    scheduler among them) are off unless asked for: a triggered run needs none of them."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    server = subprocess.Popen([str(TUNEFLOW.parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                               "--no-ui", *([] if services else ["--no-services"])],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            return server, {**env, "PREFECT_API_URL": url}
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError("prefect server start failed")
+            time.sleep(0.1)
+    server.terminate()
+    raise RuntimeError("prefect server did not answer within 60 s")
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """One Prefect server for a test's runs (as deployments use one): `tuneflow run` skips its temporary server's start."""
+    server, env = start_prefect_server(tmp_path / ".prefect")
+    try:
+        yield env
+    finally:
+        server.terminate()
+        server.wait(30)

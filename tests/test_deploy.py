@@ -11,7 +11,7 @@ def test_dry_run_lists_the_scheduled_pipelines(workdir):
     copy_repo_files(workdir, "params.yaml", "pipelines.yaml")
     result = subprocess.run([str(TUNEFLOW), "deploy", "--dry-run"], cwd=workdir, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "bbc-news: 0 3 * * 1 → flow tuneflow-scheduled (pipeline=bbc-news)" in result.stdout
+    assert "bbc-news: 0 3 * * 1 (UTC) → flow tuneflow-scheduled (pipeline=bbc-news)" in result.stdout
     assert "mr-polarity" not in result.stdout  # no schedule: not deployed unless asked for
 
 

@@ -144,6 +144,83 @@ def test_dynamic_int8_ships_when_it_agrees_with_fp32(trained):
     assert parity["onnx_file"] == a.ONNX_INT8_MODEL and parity["onnx_sha256"] == content_hash(int8)
     assert content_hash(int8) != content_hash(root / a.EXPORT / a.ONNX_MODEL)
     assert quantization["reason"] in (root / a.EXPORT / a.REPORT).read_text()
+    # quantised on top of the fused graph: the fused attention became its int8 twin
+    assert parity["optimization"]["applied"] and "QAttention" in op_types(int8)
+
+
+def op_types(path: Path) -> set[str]:
+    import onnx
+
+    return {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+def test_the_transformer_optimisation_ships_the_fused_graph_once_it_passes_parity(trained):
+    params = trained()  # export.optimize: transformer, the default
+    root = Path(params.artifacts)
+    run_stage(STAGES["export"], params)
+    parity = parity_of(params)
+    optimization = parity["optimization"]
+    assert parity["passed"] and optimization["applied"] and optimization["exporter"] == "torchscript", optimization
+    # every layer of the tiny 2-layer BERT fused; Add + LayerNormalization kept apart (onnx_runtime.UNFUSED)
+    assert optimization["fused"]["Attention"] == 2 and optimization["fused"]["EmbedLayerNormalization"] == 1
+    shipped = root / a.EXPORT / a.ONNX_MODEL
+    assert parity["onnx_file"] == a.ONNX_MODEL and parity["onnx_sha256"] == content_hash(shipped)
+    assert {"Attention", "EmbedLayerNormalization", "BiasGelu"} <= op_types(shipped)
+    assert "SkipLayerNormalization" not in op_types(shipped)
+    assert not (root / a.EXPORT / "model.torchscript.onnx").exists()
+    assert optimization["reason"] in (root / a.EXPORT / a.REPORT).read_text()
+    # the fused graph is what parity measured: the same answers as the trained model
+    assert parity["comparisons"]["onnx_vs_trained"]["argmax_agreement"] == 1.0
+
+    params = trained(optimize="none")
+    run_stage(STAGES["export"], params)
+    parity = parity_of(params)
+    assert parity["optimization"] == {"requested": "none", "applied": False, "reason": "export.optimize is none", "exporter": "dynamo"}
+    assert "Attention" not in op_types(shipped) and parity["onnx_sha256"] == content_hash(shipped)
+
+
+def test_a_fused_graph_that_fails_parity_does_not_ship(trained, monkeypatch):
+    import torch
+
+    from tasks import export as export_stage
+
+    class Flipped(torch.nn.Module):  # a fusion gone wrong: the same graph shape, other answers
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return -self.model(input_ids, attention_mask)
+
+    trace = export_stage.export_torchscript
+    monkeypatch.setattr(export_stage, "export_torchscript", lambda model, *args: trace(Flipped(model).eval(), *args))
+    params = trained()
+    root = Path(params.artifacts)
+    run_stage(STAGES["export"], params)
+    parity = parity_of(params)
+    optimization = parity["optimization"]
+    assert parity["passed"] and not optimization["applied"] and optimization["exporter"] == "dynamo"
+    assert optimization["fused"]["Attention"] == 2
+    assert optimization["reason"].startswith("the fused graph failed parity (fused ONNX vs the merged PyTorch model: max |Δlogit|")
+    assert optimization["reason"].endswith("the unfused dynamo export ships")
+    assert "Attention" not in op_types(root / a.EXPORT / a.ONNX_MODEL)
+
+
+def test_the_optimisation_is_a_recorded_no_op_for_a_model_type_it_cannot_fuse(tiny_model, tmp_path):
+    from transformers import AutoTokenizer, MPNetConfig, MPNetForSequenceClassification
+
+    from tasks.export import fuse_transformer
+    from tuneflow.trained import LogitsOnly
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    mpnet = MPNetForSequenceClassification(MPNetConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                                       num_attention_heads=2, intermediate_size=64, num_labels=3)).eval()
+    path = tmp_path / a.ONNX_MODEL
+    record = fuse_transformer(LogitsOnly(mpnet), tokenizer, ExportConfig(), path)
+    assert not record["applied"] and record["model_type"] == "mpnet" and "Attention" not in record["fused"]
+    assert record["reason"] == ("ONNX Runtime's transformer optimizer fused 0 Attention nodes for the 2 layers of this mpnet "
+                                "model; the unfused dynamo export ships")
+    assert not path.exists() and not (tmp_path / "model.torchscript.onnx").exists()
 
 
 @pytest.mark.slow
@@ -197,6 +274,12 @@ def test_an_int8_model_that_fails_either_check_is_rejected_and_fp32_ships(traine
     assert parity["onnx_file"] == a.ONNX_MODEL and parity["onnx_sha256"] == content_hash(root / a.EXPORT / a.ONNX_MODEL)
     assert not (root / a.EXPORT / a.ONNX_INT8_MODEL).exists()  # only files that may ship stay in the export
     assert refusal in (root / a.EXPORT / a.REPORT).read_text()
+
+
+def test_optimize_takes_none_or_transformer():
+    assert ExportConfig().optimize == "transformer"
+    with pytest.raises(ValueError, match="'none' or 'transformer'"):
+        ExportConfig(optimize="fast")
 
 
 def test_quantize_takes_none_or_dynamic():

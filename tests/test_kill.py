@@ -155,33 +155,6 @@ def check_whole(root: Path, before: dict[str, str | None], point: str) -> None:
             assert record["stage"] == next(s.name for s in STAGES.values() if s.output == name), f"{point}: {name}/"
 
 
-@pytest.fixture
-def prefect_server(tmp_path):
-    """One Prefect server for all the runs (as deployments use one): `tuneflow run` skips its temporary server's start."""
-    import socket
-    import urllib.request
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    server = subprocess.Popen([str(TUNEFLOW.parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-ui", "--no-services"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
-            except OSError:
-                assert server.poll() is None, "prefect server start failed"
-                time.sleep(0.1)
-        yield {**env, "PREFECT_API_URL": url}
-    finally:
-        server.terminate()
-        server.wait(30)
-
-
 def last_stage_started(output: str) -> str | None:
     started = [line.split("▶ ")[1].split(" ")[0] for line in output.splitlines() if "[tuneflow] ▶ " in line]
     return started[-1] if started else None

@@ -214,11 +214,14 @@ def test_the_registry_cli_lists_shows_rolls_back_and_forces(ready, capsys, monke
     assert main(["registry", "show", "tiny", "2"]) == 0
     tags = capsys.readouterr().out
     for key in ("data_hash", "split_salt", "git_commit", "params_hash", "method", "base_model", "base_model_sha256",
-                "onnx_sha256", "onnx_opset", "shipped_file", "verdict_summary"):
+                "onnx_sha256", "onnx_opset", "shipped_file", "verdict_summary", "stage_hashes"):
         assert f"  {key}: " in tags, key
     base_sha = registry.get("tiny", "2").tags["base_model_sha256"]
     from tuneflow.artifacts import content_hash
     assert base_sha == content_hash(Path(second.model.base) / "model.safetensors")
+    stage_hashes = json.loads(registry.get("tiny", "2").tags["stage_hashes"])
+    assert stage_hashes["model"] == content_hash(Path(second.artifacts) / "model")  # the folder that was trained
+    assert "  params (resolved, as trained):\n" in tags and f"      learning_rate: {second.train.learning_rate}" in tags
 
     monkeypatch.setenv("TUNEFLOW_ACTOR", "carol")
     assert main(["registry", "rollback", "tiny", "--reason", "v2 misroutes sport"]) == 0

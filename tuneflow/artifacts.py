@@ -44,8 +44,10 @@ METRICS = "metrics.json"
 FIX_DIFF = "fix_diff.json"
 TRAIN_SUMMARY = "train_summary.json"
 LOSS_CURVES = "loss_curves.png"
+TRAIN_CURVE, VALIDATION_CURVE = "train_curve.csv", "validation_curve.csv"  # by optimizer step, for `dvc plots show`
 VALIDATION_LOGITS = "validation_logits.npy"  # the trained model's logits on the validation split (export's parity reference)
 ONNX_MODEL = "model.onnx"
+ONNX_TRACED_MODEL = "model.torchscript.onnx"  # export.optimize=transformer: the optimizer's input, deleted once fused
 ONNX_INT8_MODEL = "model.int8.onnx"  # export.quantize=dynamic; shipped instead of model.onnx only when it passed its checks
 ASSETS = "assets"
 SERVING = "serving.json"
@@ -61,6 +63,14 @@ RESOLVED_PARAMS = "resolved_params.yaml"  # in the MLflow run
 COMPARE = "compare"  # `tuneflow compare`: <root>/compare/<method>/ artifact roots and the comparison
 COMPARISON_MD = "comparison.md"
 COMPARISON_JSON = "comparison.json"
+REPRODUCE, REPRODUCE_REPORT = "reproduce", "reproduce.json"  # `tuneflow reproduce`: reproduce/<name>-v<version>/ roots
+TUNE = "tune"  # `tuneflow tune`: <root>/tune/study.db (the Optuna storage) and <root>/tune/<study>/ (trial roots, summary)
+STUDY_DB = "study.db"
+STUDY_JSON = "study.json"
+STUDY_MD = "study.md"
+PLAN = "plan"  # `tuneflow plan`: <root>/plan/plan.json and plan.md, the estimates made before training
+PLAN_JSON = "plan.json"
+PLAN_MD = "plan.md"
 
 
 def split_file(split: str) -> str:
@@ -96,7 +106,7 @@ class Layout:
 # `.model.staging.k3x9a_2q`, `.model.old.k3x9a_2q`, and `.model.k3x9a_2q` (the staging names before the marker)
 LEFTOVER = re.compile(rf"^\.(?P<target>{'|'.join(OUTPUT_FOLDERS)})\.(?:(?P<kind>staging|old)\.)?[a-z0-9_]+$")
 # an unmarked root from before the marker is adopted when it holds only these (see adoptable)
-TUNEFLOW_FILES = frozenset({SOURCE_FINGERPRINT, COMPARE, ".gitignore"})  # DVC writes .gitignore beside its outs
+TUNEFLOW_FILES = frozenset({SOURCE_FINGERPRINT, COMPARE, PLAN, TUNE, ".gitignore"})  # DVC writes .gitignore beside its outs
 
 
 def adoptable(entry: Path) -> bool:
@@ -219,15 +229,41 @@ def read_json(path: Path) -> Any:
 
 
 def content_hash(path: Path) -> str | None:
-    """sha256 of a file, or of a folder's relative file names and contents; None when the path is absent."""
+    """sha256 of a file, or of a folder's relative file names and contents; None when the path is absent.
+
+    In a folder a symbolic link is hashed as where it points (as git records one), never followed: its target is
+    inside the folder and hashed there. A link that dangles, loops or leads outside the folder is refused in one
+    line, as ingest refuses it in a folder data.source (tasks/ingest.py, `inside`)."""
     if path.is_file():
         return _file_sha256(path)
     if not path.is_dir():
         return None
+    root, entries = path.resolve(), []
+    for folder, folders, files in os.walk(path):  # followlinks=False: a linked folder is listed, never entered
+        folders.sort()  # the first bad link named is the first in name order, as ingest names it
+        for name in sorted(folders + files):
+            entry = Path(folder) / name
+            if entry.is_symlink():
+                entries.append((entry, f"link {_link_target(entry, path, root)}"))
+            elif name in files and entry.is_file():
+                entries.append((entry, _file_sha256(entry)))
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(f"{file.relative_to(path).as_posix()}\0{_file_sha256(file)}\n".encode())
+    for entry, content in sorted(entries):
+        digest.update(f"{entry.relative_to(path).as_posix()}\0{content}\n".encode())
     return digest.hexdigest()
+
+
+def _link_target(link: Path, folder: Path, root: Path) -> str:
+    """Where `link` points, relative to the folder (`root` is the folder resolved); else the one-line error."""
+    where = link.relative_to(folder).as_posix()
+    try:
+        target = link.resolve(strict=True)
+    except (OSError, RuntimeError):  # dangling, or a loop (RuntimeError before Python 3.13)
+        raise InputError(f"{folder}: {where} is a broken or looping symbolic link") from None
+    if not target.is_relative_to(root):
+        raise InputError(f"{folder}: {where} links to {target}, outside the folder; links out of a data folder are not "
+                         f"followed (copy the files in)")
+    return target.relative_to(root).as_posix()
 
 
 def _file_sha256(path: Path) -> str:

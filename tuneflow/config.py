@@ -135,6 +135,9 @@ class ExportConfig(Section):
     trained_max_abs_logit_diff: float = Field(default=0.05, gt=0)
     trained_min_argmax_agreement: float = Field(default=0.99, ge=0, le=1)
     parity_batch_size: int = Field(default=16, ge=1)
+    # transformer: TorchScript graph + ONNX Runtime's BERT fusions (Attention, EmbedLayerNormalization, BiasGelu) when they
+    # cover every layer and pass parity; otherwise, as with none, the dynamo graph ships (parity.json says why)
+    optimize: Literal["none", "transformer"] = "transformer"
     quantize: Literal["none", "dynamic"] = "none"  # dynamic: also write an int8 model (ONNX Runtime dynamic quantisation)
     int8_min_argmax_agreement: float = Field(default=0.99, ge=0, le=1)  # int8 vs fp32 ONNX on validation, to ship int8
     int8_max_accuracy_drop: float = Field(default=0.005, ge=0, le=1)  # validation accuracy fp32 minus int8, to ship int8
@@ -171,6 +174,89 @@ class PromoteConfig(Section):
     champion_from_experiments: bool = False
 
 
+class OrchestrationConfig(Section):
+    """How the Prefect driver (`tuneflow run`, deployments) runs the stages. No stage computes with it, so no cached
+    stage's key includes it (promote records every section, this one too)."""
+    retries: int = Field(default=2, ge=0)  # transient failures only: the registry unreachable or locked, file I/O
+    retry_delay_s: float = Field(default=10, ge=0)  # before the first retry; doubled before each one after it
+    timeout_s: dict[str, float] = {}  # per stage name, e.g. {train: 7200}; a stage not named has no limit
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _positive(cls, timeouts: dict[str, float]) -> dict[str, float]:
+        if any(seconds <= 0 for seconds in timeouts.values()):
+            raise ValueError("each stage's timeout must be above 0 seconds")
+        return timeouts
+
+
+class SearchDimension(Section):
+    """One searched key of `tune.space`: a range (`low`/`high`, `log: true` for log-uniform, `step` for a grid;
+    integers when low, high and step are all integers) or a list of `choices`."""
+
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: int | float | None = Field(default=None, gt=0)
+    choices: list[bool | int | float | str | None] | None = None
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> "SearchDimension":
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.step is not None or self.log:
+                raise ValueError("give either choices or low/high (with log or step), not both")
+            if not self.choices:
+                raise ValueError("choices is empty")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("give low and high, or a list of choices")
+        if self.low >= self.high:
+            raise ValueError(f"low {self.low} must be below high {self.high}")
+        if self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("log: true needs low > 0 and no step")
+        return self
+
+
+SEARCHABLE_SECTIONS = ("train", "model")  # data, gate and export settings are not hyperparameters of the model
+
+
+class TuneConfig(Section):
+    """`tuneflow tune` (flows/tune.py): an Optuna study on the validation split. No stage reads it."""
+
+    n_trials: int = Field(default=12, ge=1)  # finished (complete or pruned) trials the study runs to
+    timeout_s: float | None = Field(default=None, gt=0)  # no new trial starts after this (per invocation)
+    seed: int = 0  # the TPE sampler's seed
+    n_startup_trials: int = Field(default=4, ge=0)  # TPE: random trials before the model-based ones
+    metric: Literal["macro_f1", "accuracy"] = "macro_f1"  # on the validation split, at every epoch's evaluation
+    pruner: Literal["median", "successive_halving", "none"] = "median"
+    pruner_startup_trials: int = Field(default=2, ge=0)  # median: trials that finish before any is pruned
+    pruner_warmup_epochs: int = Field(default=0, ge=0)  # median: evaluations every trial gets before it can be pruned
+    reduction_factor: int = Field(default=3, ge=2)  # successive_halving: the top 1/N go on at each epoch rung
+    include_defaults: bool = True  # trial 0 trains the configured values (where they lie in the space)
+    storage: str | None = None  # an SQLAlchemy URL; None: sqlite:///<artifacts>/tune/study.db
+    study_name: str | None = None  # None: the method and a hash of everything the trials' results depend on
+    heartbeat_s: int = Field(default=30, ge=1)  # a trial whose process died is failed after 2x this ...
+    max_retries: int = Field(default=1, ge=0)  # ... and run again with the same values this many times
+    pipeline: str | None = None  # the overlay the best trial becomes; None: tuned-<method>
+    pipelines_file: str = "pipelines.tuned.yaml"  # where the overlay is written, beside pipelines.yaml (which includes it)
+    space: dict[str, dict[str, SearchDimension]] = {}  # method -> {params key -> dimension}
+
+    @field_validator("space")
+    @classmethod
+    def _known_methods_and_keys(cls, space: dict[str, dict[str, SearchDimension]]) -> dict[str, dict[str, SearchDimension]]:
+        for method, dimensions in space.items():
+            if method not in METHODS:
+                raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+            for key in dimensions:
+                if key.split(".")[0] not in SEARCHABLE_SECTIONS or key == "train.method":
+                    raise ValueError(f"{method}: {key!r} cannot be searched (only {', '.join(SEARCHABLE_SECTIONS)} keys, "
+                                     "not train.method: the space is per method)")
+                try:
+                    _apply({}, key, None, method)
+                except InputError as error:
+                    raise ValueError(str(error)) from None
+        return space
+
+
 class Params(Section):
     artifacts: str = "artifacts"
     data: DataConfig = DataConfig()
@@ -180,6 +266,8 @@ class Params(Section):
     export: ExportConfig = ExportConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     promote: PromoteConfig = PromoteConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+    tune: TuneConfig = TuneConfig()
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of some sections (or all): what a stage's output depends on."""
@@ -194,8 +282,21 @@ class Pipeline(Section):
     method: str | None = None
     set: dict[str, Any] = {}
     schedule: str | None = None
+    watch: str | None = None  # a cron: check data.source's content hash then, retrain only when it changed
+    timezone: str = "UTC"  # of both crons (an IANA name such as Europe/Berlin)
 
-    @field_validator("schedule")
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, timezone: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {timezone!r} (expected an IANA name such as 'Europe/Berlin')") from None
+        return timezone
+
+    @field_validator("schedule", "watch")
     @classmethod
     def _valid_cron(cls, schedule: str | None) -> str | None:
         if schedule is not None:
@@ -218,7 +319,9 @@ class Pipeline(Section):
 
 
 class PipelinesFile(Section):
-    pipelines: dict[str, Pipeline]
+    # more pipelines files, relative to this one (`tuneflow tune` writes pipelines.tuned.yaml); one not written yet is skipped
+    include: list[str] = []
+    pipelines: dict[str, Pipeline] = {}
 
 
 def parse_set(pairs: list[str]) -> dict[str, Any]:
@@ -283,13 +386,39 @@ def load_params(params_path: str | Path = "params.yaml", *layers: tuple[str, dic
 
 
 def load_pipelines(path: str | Path = "pipelines.yaml") -> PipelinesFile:
+    """The pipelines of `path` and of the files it includes (a name defined twice is an error)."""
     path = Path(path)
+    pipelines = read_pipelines_file(path)
+    for name in pipelines.include:
+        included_path = path.parent / name
+        if not included_path.exists():
+            continue
+        included = read_pipelines_file(included_path)
+        clash = sorted(set(included.pipelines) & set(pipelines.pipelines))
+        if clash:
+            raise InputError(f"{included_path}: pipeline {clash[0]!r} is already defined in {path}")
+        pipelines.pipelines.update(included.pipelines)
+    return pipelines
+
+
+def read_pipelines_file(path: Path) -> PipelinesFile:
     if not path.exists():
         raise InputError(f"{path}: file not found")
     try:
         return PipelinesFile.model_validate(read_yaml(path))
     except ValidationError as error:
         raise InputError(_describe(error, str(path))) from None
+
+
+def with_overrides(params: Params, origin: str, overrides: dict[str, Any]) -> Params:
+    """`params` with some dotted keys set, validated like a `--set` layer (a bad value is one line naming `origin`)."""
+    tree = params.model_dump(mode="json")
+    for key, value in overrides.items():
+        _apply(tree, key, value, origin)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as error:
+        raise InputError(_describe(error, origin)) from None
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

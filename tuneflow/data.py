@@ -19,13 +19,14 @@ if TYPE_CHECKING:
 SPLITS = ("train", "validation", "test")
 
 
-def read_splits(data_dir: Path) -> dict[str, "pd.DataFrame"]:
+def read_splits(data_dir: Path, names: tuple[str, ...] = SPLITS) -> dict[str, "pd.DataFrame"]:
+    """The named splits (all three by default; training asks for train and validation only: it never sees test)."""
     import pandas as pd
 
-    missing = [name for name in SPLITS if not (data_dir / split_file(name)).exists()]
+    missing = [name for name in names if not (data_dir / split_file(name)).exists()]
     if missing:
         raise InputError(f"{data_dir}: missing split(s) {', '.join(missing)}; run `tuneflow ingest` first")
-    return {name: pd.read_parquet(data_dir / split_file(name)) for name in SPLITS}
+    return {name: pd.read_parquet(data_dir / split_file(name)) for name in names}
 
 
 def splits_hash(splits: dict[str, "pd.DataFrame"]) -> str:

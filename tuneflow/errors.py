@@ -11,6 +11,7 @@ class TuneflowError(Exception):
     """A failure tuneflow explains in one line. Exit code 1."""
 
     exit_code = 1
+    transient = False  # True: the same call may succeed later (the Prefect driver retries it, orchestration.retries)
 
 
 class InputError(TuneflowError):

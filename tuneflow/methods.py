@@ -14,7 +14,7 @@ rebuilds an `nn.Module` for ONNX: the trained weights folded into the base where
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
 
@@ -110,6 +110,8 @@ class Method:
     reload_checkpoints: bool = True
     # a learning rate that suits the method; `tuneflow compare` uses it unless train.learning_rate is set
     suggested_lr: float = 1e-3
+    # test macro-F1 measured in each comparison of QUALITY_TABLES (`tuneflow plan`'s expected quality)
+    measured_macro_f1: dict[str, float] = field(default_factory=dict)
 
 
 # --- full and partial -------------------------------------------------------------------------------
@@ -311,33 +313,67 @@ def _adapter_load(model_dir: Path, load_base: LoadBase, record: dict[str, Any]) 
     return model
 
 
+@dataclass(frozen=True)
+class QualityTable:
+    """One measured comparison of every method on the same data and settings (benchmarks/RESULTS.md)."""
+
+    description: str
+    train_rows: int
+    epochs: float
+    where: str
+
+
+QUALITY_TABLES: dict[str, QualityTable] = {
+    "mr-3k-1ep": QualityTable("MR polarity, 3,000-row stratified sample, MiniLM-L6, 1 epoch, batch 16, bf16, each method at "
+                              "its suggested_lr", 2100, 1, "benchmarks/RESULTS.md, Method comparison rerun, 2026-11-24 05:14"),
+    "mr-full-2ep": QualityTable("MR polarity, full default split, MiniLM-L6, 2 epochs, batch 16, bf16, each method at its "
+                                "suggested_lr", 7462, 2, "benchmarks/RESULTS.md, Method comparison on the full MR split, 2026-11-24 09:09"),
+}
+
+
+def _measured(mr_3k_1ep: float, mr_full_2ep: float) -> dict[str, float]:
+    return {"mr-3k-1ep": mr_3k_1ep, "mr-full-2ep": mr_full_2ep}
+
+
 LORA, PROMPT = ("lora",), ("prompt_learning",)
 METHODS: dict[str, Method] = {method.name: method for method in [
-    Method("full", "all weights trained", "merged", _full_wrap, _full_load, unfreezing=True, suggested_lr=5e-5),
+    Method("full", "all weights trained", "merged", _full_wrap, _full_load, unfreezing=True, suggested_lr=5e-5,
+           measured_macro_f1=_measured(0.7732, 0.8284)),
     Method("partial", "encoder frozen except its top train.unfreeze_layers blocks; pooler and head train", "merged",
-           _partial_wrap, _full_load, options=("unfreeze_layers",), unfreezing=True, suggested_lr=2e-4),
+           _partial_wrap, _full_load, options=("unfreeze_layers",), unfreezing=True, suggested_lr=2e-4,
+           measured_macro_f1=_measured(0.79, 0.8078)),
     Method("lora", "low-rank adapters (PEFT LoRA) on train.lora.target_modules, merged for export", "merged",
-           _peft(_lora_config), _peft_load_merged, options=LORA),
+           _peft(_lora_config), _peft_load_merged, options=LORA,
+           measured_macro_f1=_measured(0.8099, 0.8251)),
     Method("dora", "weight-decomposed LoRA (PEFT use_dora), merged for export", "merged",
-           _peft(lambda cfg, run: _lora_config(cfg, use_dora=True)), _peft_load_merged, options=LORA),
+           _peft(lambda cfg, run: _lora_config(cfg, use_dora=True)), _peft_load_merged, options=LORA,
+           measured_macro_f1=_measured(0.8033, 0.8218)),
     Method("adalora", "LoRA with adaptive rank budget (PEFT AdaLoRA), merged for export", "merged",
            _peft(_adalora_config), _peft_load_merged, options=("adalora", "lora"), callbacks=_adalora_callbacks,
-           reload_checkpoints=False),
+           reload_checkpoints=False,
+           measured_macro_f1=_measured(0.5964, 0.8021)),
     Method("ia3", "learned rescaling of keys, values and FFN activations (PEFT IA3), merged for export", "merged",
-           _peft(_ia3_config), _peft_load_merged, options=("ia3",), suggested_lr=5e-3),
+           _peft(_ia3_config), _peft_load_merged, options=("ia3",), suggested_lr=5e-3,
+           measured_macro_f1=_measured(0.7449, 0.8054)),
     Method("qlora", "LoRA on a 4-bit NF4 base (bitsandbytes); base de-quantised to fp32, then merged for export", "merged",
-           _qlora_wrap, _qlora_load_merged, options=("qlora", "lora", "gradient_checkpointing"), export_record=_qlora_record),
+           _qlora_wrap, _qlora_load_merged, options=("qlora", "lora", "gradient_checkpointing"), export_record=_qlora_record,
+           measured_macro_f1=_measured(0.8, 0.8143)),
     Method("prefix", "trained key/value prefixes on every layer (PEFT prefix tuning, P-tuning v2 style)", "wrapper",
            _peft(_prefix_config), _peft_load_unmerged, options=PROMPT, export_blocker=_prompt_blocker,
-           virtual_tokens=_prompt_tokens, suggested_lr=1e-2),
+           virtual_tokens=_prompt_tokens, suggested_lr=1e-2,
+           measured_macro_f1=_measured(0.7041, 0.782)),
     Method("prompt", "trained soft prompt prepended to the input embeddings (PEFT prompt tuning)", "wrapper",
            _peft(_prompt_config), _peft_load_unmerged, options=PROMPT, export_blocker=_prompt_blocker,
-           virtual_tokens=_prompt_tokens, suggested_lr=3e-2),
+           virtual_tokens=_prompt_tokens, suggested_lr=3e-2,
+           measured_macro_f1=_measured(0.5997, 0.7539)),
     Method("p_tuning", "soft prompt produced by an MLP prompt encoder (PEFT P-tuning)", "wrapper",
            _peft(_p_tuning_config), _peft_load_unmerged, options=PROMPT, export_blocker=_prompt_blocker,
-           virtual_tokens=_prompt_tokens, suggested_lr=1e-2),
+           virtual_tokens=_prompt_tokens, suggested_lr=1e-2,
+           measured_macro_f1=_measured(0.5865, 0.7488)),
     Method("adapter_houlsby", "bottleneck adapters after attention and FFN (AdapterHub double_seq_bn)", "wrapper",
-           _bottleneck("double_seq_bn"), _adapter_load, options=("adapter",), save=_adapter_save),
+           _bottleneck("double_seq_bn"), _adapter_load, options=("adapter",), save=_adapter_save,
+           measured_macro_f1=_measured(0.759, 0.8158)),
     Method("adapter_pfeiffer", "bottleneck adapter after the FFN (AdapterHub seq_bn)", "wrapper",
-           _bottleneck("seq_bn"), _adapter_load, options=("adapter",), save=_adapter_save),
+           _bottleneck("seq_bn"), _adapter_load, options=("adapter",), save=_adapter_save,
+           measured_macro_f1=_measured(0.7463, 0.8092)),
 ]}

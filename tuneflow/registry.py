@@ -37,6 +37,8 @@ LOCK_WAIT_S, LOCK_STALE_S = 120.0, 600.0
 class RegistryError(TuneflowError):
     """The registry could not be read or written (unreachable, permissions, a failed write). Exit code 1."""
 
+    transient = True  # unreachable or locked now is the usual cause; a retry of a permission error costs only time
+
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
@@ -50,6 +52,16 @@ def redact(uri: str) -> str:
     host = f"{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
     netloc = f"***@{host}" if parts.username is not None or parts.password is not None else parts.netloc
     return urlunsplit(parts._replace(netloc=netloc, query="", fragment=""))
+
+
+def run_link(uri: str, run_id: str | None) -> str:
+    """Where to see a run: a UI link on a tracking server, else the (redacted) store and the run id."""
+    uri = redact(uri)
+    if not run_id:
+        return "no run (nothing registered)"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/runs/{run_id}"
+    return f"run {run_id} in {uri} (`mlflow ui --backend-store-uri {uri}`)"
 
 
 def scrub(text: str) -> str:
@@ -189,6 +201,16 @@ class Registry:
 
         with self.calling(f"downloading {version.name} v{version.version}"):
             return Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}", dst_path=str(into)))
+
+    def resolved_params(self, version: Version) -> dict[str, Any]:
+        """The params the version was trained with, as its run logged them (resolved_params.yaml)."""
+        import mlflow
+        import yaml
+
+        if not version.run_id:
+            raise InputError(f"{version.name} v{version.version}: registered without a run; its params are unknown")
+        with self.calling(f"reading the params of {version.name} v{version.version}"):
+            return yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{version.run_id}/{RESOLVED_PARAMS}"))
 
     def experiment(self, name: str) -> str:
         import mlflow

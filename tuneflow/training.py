@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from tuneflow import progress
+
 
 def encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The transformer blocks (a ModuleList as long as config.num_hidden_layers), found through any wrapper."""
@@ -38,6 +40,25 @@ class CheckpointCadence(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.last_save = time.monotonic()
+
+
+class ProgressLines(TrainerCallback):
+    """Training progress as one line every `every_s` seconds and one per evaluation, in place of the Trainer's
+    progress bar: readable where stderr is a log (the Prefect UI, CI, a file) and a bar would flood it."""
+
+    def __init__(self, every_s: float = 30.0):
+        self.every_s = every_s
+        self.last = time.monotonic()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        where = f"step {state.global_step}/{state.max_steps}, epoch {state.epoch or 0:.2f}"
+        if "eval_macro_f1" in logs:
+            progress.say(f"[tuneflow] train: {where}: validation macro-F1 {logs['eval_macro_f1']:.4f}, "
+                         f"accuracy {logs['eval_accuracy']:.4f}, loss {logs['eval_loss']:.4f}")
+        elif "loss" in logs and time.monotonic() - self.last >= self.every_s:
+            self.last = time.monotonic()
+            progress.say(f"[tuneflow] train: {where}: loss {logs['loss']:.4f}, learning rate {logs.get('learning_rate', 0):.3g}")
 
 
 class GradualUnfreezing(TrainerCallback):
@@ -174,6 +195,17 @@ def diagnose(history: list[dict[str, Any]], classes: int, explosion_factor: floa
     return {"overfitting": bool(overfitting), "learning_rate": learning_rate, "collapsed": collapsed, "grad_norm": grad,
             "warnings": warnings,
             "final_train_loss": train[-1][1] if train else None, "final_validation_loss": evals[-1][1] if evals else None}
+
+
+def write_curves(history: list[dict[str, Any]], train_csv: Path, validation_csv: Path) -> None:
+    """The curves as data by optimizer step, what `dvc plots show` draws (dvc.yaml's plots, from the stage table)."""
+    import pandas as pd
+
+    train = [{"step": entry["step"], "loss": entry["loss"]} for entry in history if "loss" in entry]
+    evals = [{"step": entry["step"], "loss": entry["eval_loss"], "macro_f1": entry["eval_macro_f1"],
+              "accuracy": entry["eval_accuracy"]} for entry in history if "eval_macro_f1" in entry]
+    pd.DataFrame(train, columns=["step", "loss"]).to_csv(train_csv, index=False)
+    pd.DataFrame(evals, columns=["step", "loss", "macro_f1", "accuracy"]).to_csv(validation_csv, index=False)
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
