@@ -2,20 +2,12 @@
 
 import pytest
 
-from conftest import topic_frame
+from test_ingest import folder_source
 from tasks.ingest import ingest
 from tuneflow.artifacts import content_hash
 from tuneflow.config import DataConfig
 from tuneflow.data import source_fingerprint
 from tuneflow.errors import InputError
-
-
-def folder_source(tmp_path):
-    folder = tmp_path / "folder"
-    for index, (text, label) in enumerate(topic_frame(5).itertuples(index=False)):
-        (folder / label).mkdir(parents=True, exist_ok=True)
-        (folder / label / f"{index}.txt").write_text(text)
-    return folder
 
 
 @pytest.mark.parametrize("make, message", [
