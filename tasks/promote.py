@@ -71,7 +71,8 @@ def check_champion_custody(verdict: dict[str, Any], verdict_path: Path, current:
 
 
 def promote(params: Params, validation_dir: Path, model_dir: Path, export_dir: Path, eval_dir: Path, out_dir: Path,
-            run_name: str = "params.yaml", experiment: str | None = None, registry: Registry | None = None) -> PromoteResult:
+            run_name: str = "params.yaml", experiment: str | None = None, dvc_lock: dict[str, dict[str, str]] | None = None,
+            registry: Registry | None = None) -> PromoteResult:
     """Decide from the verdict, then write: register (or reuse) the version and move the aliases under the model's lock."""
     registry = registry or Registry()
     name = params.promote.model_name
@@ -110,6 +111,8 @@ def promote(params: Params, validation_dir: Path, model_dir: Path, export_dir: P
         "verdict_summary": verdict["summary"],
         "test_macro_f1": f"{metrics['macro_f1']:.6f}",
         **({"experiment": experiment} if experiment else {}),
+        # under `dvc repro`: the stage output hashes dvc.lock recorded for this run (`dvc checkout` restores them)
+        **({"dvc_lock_outs": json.dumps(dvc_lock, sort_keys=True)} if dvc_lock else {}),
     }
     identity = {key: tags[key] for key in ("onnx_sha256", "data_hash", "params_hash")}
     resolved = params.model_dump(mode="json")

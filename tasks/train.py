@@ -29,6 +29,7 @@ from tuneflow.data import read_splits
 from tuneflow.errors import DataGateFailed, InputError, StageFailed
 from tuneflow.methods import METHODS, Method, RunInfo
 from tuneflow.models import load_classifier, load_tokenizer, resolve_base
+from tuneflow.windows import LongText, SampledWindows, Windower, epoch_draw
 
 MAX_LENGTH_MULTIPLE = 8
 
@@ -156,6 +157,7 @@ def train(gated_data: Path, gate_report: Path, ingest_card: Path, model_cfg: Mod
 
     from tuneflow import distributed
     from tuneflow.trained import texts_hash, write_logits
+    from tuneflow.training import class_weighting
 
     require_gate_passed(gate_report, gated_data, ingest_card)
     if cfg.distributed != "none" and not distributed.launched():
@@ -170,25 +172,39 @@ def train(gated_data: Path, gate_report: Path, ingest_card: Path, model_cfg: Mod
     splits = read_splits(gated_data, ("train", "validation"))
 
     max_length, max_length_source = pick_max_length(model_cfg, cfg, method, tokenizer, splits["train"]["text"].tolist())
+    long_text = LongText.of(model_cfg, max_length)
     label_ids = {label: index for index, label in enumerate(labels)}
-    train_set = encode(tokenizer, splits["train"], label_ids, max_length)
-    validation_set = encode(tokenizer, splits["validation"], label_ids, max_length)
+    train_set = training_rows(tokenizer, splits["train"], label_ids, long_text, cfg.seed)
+    validation_set = encode(tokenizer, splits["validation"], label_ids, max_length, long_text)
+    if isinstance(train_set, SampledWindows):  # a window per text, drawn afresh as each epoch begins
+        callbacks = [*callbacks, epoch_draw(train_set)]
     world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / (cfg.batch_size * world)) / cfg.gradient_accumulation_steps)
     total_steps = math.ceil(steps_per_epoch * cfg.epochs)
     bf16 = use_bf16(cfg.bf16)
-    model = build_model(method, model_cfg, cfg, labels, RunInfo(total_steps, bf16), max_length)
+    weighting = class_weighting(cfg.class_weights, [row["labels"] for row in train_set], cfg.class_weights_auto_ratio)
+    if cfg.class_weights == "auto":
+        progress.say(f"[tuneflow] train.class_weights auto: {weighting['reason']}")
 
-    key = run_key(model_cfg, cfg, card["data_hash"])
-    run_dir, resume = checkpoint_to_resume(work_dir / artifacts.CHECKPOINTS, key, method)
-    trainer = build_trainer(model, method, cfg, tokenizer, train_set, validation_set, labels, run_dir, total_steps, bf16,
-                            callbacks)
-    resumed = read_json(resume / "trainer_state.json") if resume else {"global_step": None, "epoch": 0}
-    if resume is not None:
-        progress.say(f"[tuneflow] resuming from checkpoint {resume} (step {resumed['global_step']} of {total_steps})")
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    train_seconds = time.perf_counter() - started
+    def attempt(attempt_cfg: TrainConfig, guard: bool) -> Attempt:
+        return fit(method, model_cfg, attempt_cfg, tokenizer, train_set, validation_set, labels, max_length, total_steps,
+                   bf16, card["data_hash"], work_dir, callbacks, guard)
+
+    # collapse (one class predicted for every validation text): once more from the base weights at a lower learning rate
+    # (a run killed during the restart re-runs its first attempt, which collapses where it did, then the restart)
+    restart_cfg = cfg.model_copy(update={"learning_rate": cfg.learning_rate / cfg.collapse_restart_lr_divisor})
+    current, first = attempt(cfg, guard=cfg.collapse_restart), None
+    if cfg.collapse_restart and current.record(len(labels))["collapsed"]:
+        first = current.record(len(labels))
+        progress.say(f"[tuneflow] train: collapse: validation predicted one class for every text at epoch "
+                     f"{first['validation'][-1]['epoch']:g} (macro-F1 {first['validation'][-1]['macro_f1']:.4f}) with "
+                     f"learning rate {cfg.learning_rate:.3g}; restarting once from the base weights at learning rate "
+                     f"{restart_cfg.learning_rate:.3g}")
+        del current
+        set_seed(cfg.seed, deterministic=cfg.deterministic)  # the restart starts where the first attempt started
+        current = attempt(restart_cfg, guard=False)
+    trainer, key, run_dir, resumed, train_seconds = current.trainer, current.key, current.run_dir, current.resumed, current.seconds
+    attempts = [*([first] if first else []), current.record(len(labels))]
     final = run_dir / "final"
     if method.save is None:
         trainer.save_model(str(final))  # on every rank: ZeRO-3 gathers the shards here
@@ -196,17 +212,27 @@ def train(gated_data: Path, gate_report: Path, ingest_card: Path, model_cfg: Mod
         method.save(trainer.model, final)
     validation_texts = splits["validation"]["text"].tolist()
     # on every rank: under ZeRO-3 each forward gathers the sharded weights from all of them
-    validation_logits = trained_logits(trainer, tokenizer, validation_texts, max_length, cfg.eval_batch_size)
+    validation_logits = trained_logits(trainer, tokenizer, validation_texts, long_text, cfg.eval_batch_size)
     if not trainer.is_world_process_zero():
         return TrainResult(out_dir, {}, publish=False)
 
-    summary = summarise(trainer, method, model_cfg, cfg, labels, final, key, resumed) | {
-        "max_length": max_length, "max_length_source": max_length_source, "train_time_s": round(train_seconds, 2),
+    summary = summarise(trainer, method, model_cfg, current.cfg, labels, final, key, resumed) | {
+        "max_length": max_length, "max_length_source": max_length_source,
+        "train_time_s": round(sum(record["train_time_s"] for record in attempts), 2),
         "train_samples_per_s": round(len(train_set) * (trainer.state.epoch - resumed["epoch"]) / train_seconds, 2),
+        "learning_rate": current.cfg.learning_rate, "class_weights": weighting, "attempts": attempts,
+        "collapse_restart": {"enabled": cfg.collapse_restart, "fired": first is not None,
+                             "lr_divisor": cfg.collapse_restart_lr_divisor, "first_learning_rate": cfg.learning_rate,
+                             "learning_rate": current.cfg.learning_rate},
         "planned_optimizer_steps": total_steps, "bf16": bf16, "world_size": world,
-        "train_rows": len(train_set), "validation_rows": len(validation_set),
+        "train_rows": len(train_set), "validation_rows": len(validation_texts), "validation_windows": len(validation_set),
+        "long_text": long_text.record(),
+        "served_validation_macro_f1": served_macro_f1(validation_logits, splits["validation"], label_ids),
         "validation_logits": {"file": artifacts.VALIDATION_LOGITS, "shape": list(validation_logits.shape),
                               "texts_sha256": texts_hash(validation_texts)}}
+    if first is not None and summary["diagnostics"]["collapsed"]:
+        summary["diagnostics"]["warnings"].append(f"the collapse restart at learning rate {current.cfg.learning_rate:.3g} "
+                                                  "collapsed too (it runs once)")
     for warning in summary["diagnostics"]["warnings"]:
         progress.say(f"[tuneflow] warning: {warning}")
     from tuneflow.training import plot_curves, write_curves
@@ -224,7 +250,44 @@ def train(gated_data: Path, gate_report: Path, ingest_card: Path, model_cfg: Mod
     return TrainResult(out_dir, summary)
 
 
-def trained_logits(trainer, tokenizer, texts: list[str], max_length: int, batch_size: int) -> np.ndarray:
+@dataclass
+class Attempt:
+    """One training run of train(): the Trainer after it, its config, checkpoint key and folder, and its time."""
+
+    trainer: Any
+    cfg: TrainConfig
+    key: str
+    run_dir: Path
+    resumed: dict[str, Any]
+    seconds: float
+
+    def record(self, classes: int) -> dict[str, Any]:
+        from tuneflow.training import attempt_record
+
+        return attempt_record(self.trainer.state.log_history, self.cfg.learning_rate, self.seconds, classes)
+
+
+def fit(method: Method, model_cfg: ModelConfig, cfg: TrainConfig, tokenizer, train_set, validation_set, labels: list[str],
+        max_length: int, total_steps: int, bf16: bool, data_hash: str, work_dir: Path, callbacks: Sequence[Any],
+        guard: bool) -> Attempt:
+    """Build the model from the base weights and train it (resuming this config's checkpoint if there is one).
+    `guard`: stop at the first validation evaluation that predicts a single class (the collapse diagnosis)."""
+    from tuneflow.training import CollapseGuard
+
+    model = build_model(method, model_cfg, cfg, labels, RunInfo(total_steps, bf16), max_length)
+    key = run_key(model_cfg, cfg, data_hash)
+    run_dir, resume = checkpoint_to_resume(work_dir / artifacts.CHECKPOINTS, key, method)
+    trainer = build_trainer(model, method, cfg, tokenizer, train_set, validation_set, labels, run_dir, total_steps, bf16,
+                            [*callbacks, *([CollapseGuard(len(labels))] if guard else [])])
+    resumed = read_json(resume / "trainer_state.json") if resume else {"global_step": None, "epoch": 0}
+    if resume is not None:
+        progress.say(f"[tuneflow] resuming from checkpoint {resume} (step {resumed['global_step']} of {total_steps})")
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    return Attempt(trainer, cfg, key, run_dir, resumed, time.perf_counter() - started)
+
+
+def trained_logits(trainer, tokenizer, texts: list[str], long_text: LongText, batch_size: int) -> np.ndarray:
     """The validation logits of the model as it ends training (the weights that were saved), tokenised as served.
 
     Without the mixed-precision autocast the Trainer put around forward: export runs the saved weights in fp32, so
@@ -232,7 +295,15 @@ def trained_logits(trainer, tokenizer, texts: list[str], max_length: int, batch_
     from tuneflow.trained import predict_logits
 
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-    return predict_logits(model, tokenizer, texts, max_length, batch_size)
+    return predict_logits(model, tokenizer, texts, long_text, batch_size)
+
+
+def served_macro_f1(logits: np.ndarray, frame, label_ids: dict[str, int]) -> float:
+    """Validation macro-F1 of the saved model with its inputs as served (under chunk: window logits averaged per text;
+    the Trainer's per-epoch evaluation scores each window on its own)."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(frame["label"].map(label_ids).to_numpy(), logits.argmax(axis=-1), average="macro"))
 
 
 def pick_max_length(model_cfg: ModelConfig, cfg: TrainConfig, method: Method, tokenizer, texts: list[str]) -> tuple[int, str]:
@@ -250,12 +321,25 @@ def pick_max_length(model_cfg: ModelConfig, cfg: TrainConfig, method: Method, to
     return max_length, source
 
 
-def encode(tokenizer, frame, label_ids: dict[str, int], max_length: int) -> list[dict[str, Any]]:
-    """One dict of token ids per row. A plain list, not a `datasets.Dataset`: its fingerprinting runs dill, whose
-    bytecode dumps end up in Prefect's task logs (log_prints)."""
-    encoded = tokenizer(frame["text"].tolist(), truncation=True, max_length=max_length)
-    return [{**{key: values[row] for key, values in encoded.items()}, "labels": label}
-            for row, label in enumerate(frame["label"].map(label_ids))]
+def encode(tokenizer, frame, label_ids: dict[str, int], max_length: int, long_text: LongText | None = None) -> list[dict[str, Any]]:
+    """One dict of token ids per row (under `model.long_text` chunk: per window, each with its row's label). A plain
+    list, not a `datasets.Dataset`: its fingerprinting runs dill, whose bytecode dumps end up in Prefect's task logs
+    (log_prints)."""
+    if long_text is None or long_text.policy == "truncate":
+        encoded = tokenizer(frame["text"].tolist(), truncation=True, max_length=max_length)
+        return [{**{key: values[row] for key, values in encoded.items()}, "labels": label}
+                for row, label in enumerate(frame["label"].map(label_ids))]
+    windows, owner = Windower(tokenizer, long_text).windows(frame["text"].tolist())
+    labels = frame["label"].map(label_ids).tolist()
+    return [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels[text]} for ids, text in zip(windows, owner)]
+
+
+def training_rows(tokenizer, frame, label_ids: dict[str, int], long_text: LongText, seed: int):
+    """The training split as the Trainer takes it: encode's rows, or under chunk one window per text per epoch."""
+    if long_text.policy != "chunk":
+        return encode(tokenizer, frame, label_ids, long_text.max_length, long_text)
+    windows, owner = Windower(tokenizer, long_text).windows(frame["text"].tolist())
+    return SampledWindows(windows, owner, frame["label"].map(label_ids).tolist(), seed)
 
 
 def build_model(method: Method, model_cfg: ModelConfig, cfg: TrainConfig, labels: list[str], run: RunInfo, max_length: int):
@@ -297,7 +381,7 @@ def build_trainer(model, method: Method, cfg: TrainConfig, tokenizer, train_set,
 
     from tuneflow import distributed
     from tuneflow.training import (CheckpointCadence, GradualUnfreezing, ProgressLines, balanced_class_weights,
-                                   layerwise_param_groups, unfreezing_groups, weighted_loss)
+                                   class_weighting, layerwise_param_groups, unfreezing_groups, weighted_loss)
 
     callbacks: list[Any] = [EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience),
                             CheckpointCadence(cfg.save_every_s, cfg.save_steps), *method.callbacks(), *extra_callbacks]
@@ -310,8 +394,9 @@ def build_trainer(model, method: Method, cfg: TrainConfig, tokenizer, train_set,
     if cfg.gradual_unfreezing:
         callbacks.append(GradualUnfreezing(unfreezing_groups(model), cfg.epochs))
     loss_func = None
-    if cfg.class_weights == "balanced":
-        loss_func = weighted_loss(balanced_class_weights([row["labels"] for row in train_set], len(labels)))
+    train_labels = [row["labels"] for row in train_set]
+    if class_weighting(cfg.class_weights, train_labels, cfg.class_weights_auto_ratio)["applied"] == "balanced":
+        loss_func = weighted_loss(balanced_class_weights(train_labels, len(labels)))
 
     def compute_metrics(prediction) -> dict[str, float]:
         predicted = np.argmax(prediction.predictions, axis=-1)
@@ -400,6 +485,23 @@ def summarise(trainer, method: Method, model_cfg: ModelConfig, cfg: TrainConfig,
     }
 
 
+def restart_rows(summary: dict[str, Any]) -> list[str]:
+    """The report's rows for the class-weight decision and the collapse restart."""
+    rows = []
+    weighting = summary.get("class_weights")
+    if weighting:
+        rows.append(f"| class weights | {weighting['applied']}" + (f" (auto: {weighting['reason']})" if "reason" in weighting else "") + " |")
+    restart = summary.get("collapse_restart")
+    if restart and restart["fired"]:
+        first = summary["attempts"][0]["validation"][-1]
+        rows.append(f"| collapse restart | fired: one class predicted for every validation text at epoch {first['epoch']:g} "
+                    f"(macro-F1 {first['macro_f1']:.4f}) at learning rate {restart['first_learning_rate']:.3g}; retrained once "
+                    f"from the base weights at {restart['learning_rate']:.3g} |")
+    elif restart:
+        rows.append(f"| collapse restart | {'not needed' if restart['enabled'] else 'off'} (learning rate {restart['learning_rate']:.3g}) |")
+    return rows
+
+
 def render_report(summary: dict[str, Any]) -> str:
     diagnostics, grad = summary["diagnostics"], summary["diagnostics"]["grad_norm"]
     lines = [
@@ -413,9 +515,11 @@ def render_report(summary: dict[str, Any]) -> str:
         f"| best validation macro-F1 / accuracy | {summary['best_validation_macro_f1']:.4f} / {summary['best_validation_accuracy']:.4f} |",
         f"| train time / throughput | {summary['train_time_s']:.1f} s / {summary['train_samples_per_s']:.1f} samples/s |",
         f"| max_length | {summary['max_length']} ({summary['max_length_source']}) |",
+        f"| long texts | {LongText.from_record(summary.get('long_text'), summary['max_length']).describe()} |",
         f"| final train / validation loss | {diagnostics['final_train_loss']} / {diagnostics['final_validation_loss']} |",
         f"| overfitting | {'yes' if diagnostics['overfitting'] else 'no'} |",
         f"| learning rate | {diagnostics['learning_rate']} |",
+        *restart_rows(summary),
         f"| gradient norm median / p95 / max | {grad.get('median', float('nan')):.3g} / {grad.get('p95', float('nan')):.3g} / {grad.get('max', float('nan')):.3g} |",
         f"| peak RSS | {summary['peak_rss_mb']:.0f} MB |",
         "",

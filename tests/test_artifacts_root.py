@@ -222,3 +222,32 @@ def test_a_kill_at_any_step_of_the_swap_leaves_the_old_or_the_new_version(tmp_pa
         pytest.fail("publish never finished")
     # every kind of kill point was hit: before the swap, between its renames, while the old version is deleted
     assert outcomes[0] == "old" and "aside" in outcomes and outcomes.count("new") >= 3, outcomes
+
+
+HOLD_THE_RUN = """
+import sys, time
+from pathlib import Path
+from tuneflow.artifacts import Layout
+with Layout(Path(sys.argv[1])).one_run(lambda: None):
+    print("holding", flush=True)
+    time.sleep(2)
+"""
+
+
+def test_a_second_run_on_a_root_waits_for_the_first_to_end(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from tuneflow.artifacts import Layout
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_RUN, str(tmp_path / "artifacts")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "holding"
+    started, waited = time.monotonic(), []
+    with Layout(tmp_path / "artifacts").one_run(lambda: waited.append(holder.poll())):
+        assert time.monotonic() - started > 1.5  # entered only once the holder let go (it holds for 2 s)
+    assert waited == [None]  # told to wait while the holder was still running
+    holder.wait()
+    with Layout(tmp_path / "other").one_run(lambda: waited.append("other")):  # another root: no wait
+        pass
+    assert waited == [None]

@@ -57,3 +57,14 @@ def test_a_pipeline_is_an_explicit_overlay(tmp_path):
     pipelines.write_text("default: a\npipelines:\n  a: {}\n")  # the old implicit default is gone
     with pytest.raises(InputError, match="unknown key 'default'"):
         load_pipelines(pipelines)
+
+
+def test_each_pipeline_has_its_own_artifacts_root_unless_it_sets_one(tmp_path):
+    pipelines = tmp_path / "pipelines.yaml"
+    pipelines.write_text("pipelines:\n  a: {}\n  b: {}\n  c:\n    set: {artifacts: shared}\n")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("artifacts: out\n")
+    roots = {name: pipeline_params(name, params_file, pipelines)[1].artifacts for name in "abc"}
+    assert roots == {"a": "out/pipelines/a", "b": "out/pipelines/b", "c": "shared"}
+    assert pipeline_params(None, params_file, pipelines)[1].artifacts == "out"  # params.yaml alone: as dvc repro
+    assert pipeline_params("a", params_file, pipelines, ("--set", {"artifacts": "mine"}))[1].artifacts == "mine"

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import TUNEFLOW, copy_repo_files, topic_frame, write_params
 from pipeline.table import STAGES
@@ -119,6 +120,11 @@ def test_dvc_runs_the_same_configuration_tracks_the_data_and_keeps_experiments_o
     assert params_records(workdir) == prefect_params
     assert json.loads((workdir / "artifacts" / a.MODEL / a.TRAIN_SUMMARY).read_text())["method"] == "full"
     assert Registry().by_alias("drivers-tiny", "champion").version == "1"
+    # lineage: v1 carries the output hashes dvc.lock holds for the stages before promote
+    lock = yaml.safe_load((workdir / "dvc.lock").read_text())["stages"]
+    recorded = json.loads(Registry().get("drivers-tiny", "1").tags["dvc_lock_outs"])
+    assert set(recorded) == {name for name in lock if name != "promote" and lock[name].get("outs")} >= {"train", "export", "evaluate"}
+    assert recorded["train"] == {out["path"]: out["md5"] for out in lock["train"]["outs"]}
 
     second = run(workdir, dvc, "repro", env=env).stdout  # @champion moved to v1: the gate runs against it
     assert "Running stage 'evaluate'" in second and "Running stage 'train'" not in second

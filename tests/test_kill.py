@@ -64,18 +64,20 @@ MODEL_NAME = "kill-tiny"
 @dataclass(frozen=True)
 class KillPoint:
     stage: str
-    when: str  # a line of the run's output, or "db:" + a registry write (REGISTRY_QUERIES) this run makes
+    when: str  # a line of the run's output, "db:" + a registry write (REGISTRY_QUERIES) this run makes, or "fs:" + a glob
     delay_s: float = 0.0
 
 
 # Spread over all six stages. Anchored on what the run prints or writes, not on wall time: each run skips what an
-# earlier killed run finished (Prefect's cache), so a point lands in its stage whatever the machine's speed.
+# earlier killed run finished (Prefect's cache), so a point lands in its stage whatever the machine's speed. Export of
+# the tiny model can finish within a second or two, so export and evaluate are killed once a file they write midway is
+# in their staging folder.
 KILL_POINTS = [
     KillPoint("ingest", "▶ ingest …", 0.3),
     KillPoint("validate", "▶ validate …", 1.0),
     KillPoint("train", "▶ train …", 4.0),
-    KillPoint("export", "▶ export …", 2.0),
-    KillPoint("evaluate", "▶ evaluate …", 3.0),
+    KillPoint("export", "fs:.export.staging.*/*.onnx"),
+    KillPoint("evaluate", "fs:.eval.staging.*/robustness.parquet"),  # written midway: slices, latency, champion follow
     KillPoint("promote", "db:lock"),  # it holds the registry lock
     KillPoint("promote", "db:version"),  # the new version is registered
     KillPoint("promote", "db:champion"),  # @champion points at it
@@ -193,6 +195,9 @@ def test_tuneflow_run_killed_anywhere_leaves_whole_artifacts_and_no_half_promoti
             at_start = registry_state(database, what)
             run = Run(folder, env, *changed)
             reached = run.wait_for(lambda: registry_state(database, what) not in (None, at_start, [(None,)], []))
+        elif point.when.startswith("fs:"):
+            run = Run(folder, env, *changed)
+            reached = run.wait_for(lambda: any(root.glob(point.when[3:])))
         else:
             run = Run(folder, env, *changed)
             reached = run.wait_for(lambda: any(point.when in line for line in run.lines))

@@ -159,14 +159,15 @@ def test_a_deployment_triggered_on_a_real_server_runs_every_stage_with_its_artif
     assert second.start_time >= first.end_time  # one at a time: no mixed artifacts, no promotions racing
     versions = Registry(env["MLFLOW_TRACKING_URI"]).client.search_model_versions("name='served-tiny'")
     assert len(versions) == 1  # the second run found the same artifact already champion: nothing registered twice
-    card = json.loads((folder / "artifacts" / a.DATA / a.DATA_CARD).read_text())
+    root = folder / "artifacts" / a.PIPELINES / "tiny"  # the pipeline's own artifacts root
+    card = json.loads((root / a.DATA / a.DATA_CARD).read_text())
     assert first.name == pipeline_run.name == f"tiny · data {card['data_hash'][:12]} · full"
     states = {}
     for task_run in tasks:
         states.setdefault(task_run.name.rsplit("-", 1)[0], []).append(task_run.state_name)
     assert set(states) == set(STAGES) and all(names == ["Completed"] for names in states.values()), states
     assert {"data-gate", "evaluation-gate", "latency", "promotion", "validate-report", "evaluate-report"} <= keys, keys
-    summary = json.loads((folder / "artifacts" / a.MODEL / a.TRAIN_SUMMARY).read_text())
+    summary = json.loads((root / a.MODEL / a.TRAIN_SUMMARY).read_text())
     assert summary["epochs_run"] == 1  # the trigger-time override, not params.yaml's 2 epochs
 
 

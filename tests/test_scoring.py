@@ -84,6 +84,22 @@ def test_baseline_columns_follow_the_models_label_order():
     assert probabilities[0].argmax() == 2 and probabilities[1].argmax() == 1
 
 
+def test_the_baseline_reads_characters_where_no_word_repeats():
+    """Every word occurs once, as in a highly inflected language: word n-grams (min_df 2) have nothing to learn, the
+    classes differ only in their endings, which character n-grams see."""
+    random = np.random.default_rng(0)
+    stem = lambda: "".join(random.choice(list("bdfgklmnprst")) + random.choice(list("aeiou")) for _ in range(3))
+    endings = {"a": "ung", "b": "heit"}
+    texts, labels = [], []
+    for index in range(240):
+        label = "ab"[index % 2]
+        texts.append(" ".join(stem() + endings[label] for _ in range(4)))
+        labels.append(label)
+    probabilities = baseline_probabilities(texts[:200], labels[:200], texts[200:], ["a", "b"])
+    accuracy = (np.array(["ab"[column] for column in probabilities.argmax(axis=1)]) == np.array(labels[200:])).mean()
+    assert accuracy >= 0.95, accuracy
+
+
 def test_quartile_groups_cover_every_row_once_even_when_lengths_repeat():
     from tuneflow.scoring import quartile_groups
 

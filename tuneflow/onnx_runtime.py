@@ -1,7 +1,9 @@
 """The shipped artifact at run time: an ONNX Runtime session plus its tokenizer and label names.
 
 An export bundle is `model.onnx` + an assets folder (tokenizer files and serving.json). The same
-assets travel into the MLflow registry as the ONNX model's `extra_files`.
+assets travel into the MLflow registry as the ONNX model's `extra_files`. serving.json records the long-text policy
+the model was trained with (tuneflow/windows.py): the graph scores one window per row, and `logits` pools a text's
+windows here (no policy recorded, as in exports made before it existed: truncate).
 """
 
 from __future__ import annotations
@@ -13,18 +15,13 @@ import numpy as np
 
 from tuneflow import artifacts
 from tuneflow.artifacts import read_json
+from tuneflow.windows import INPUT_NAMES, LongText, Windower
 
-INPUT_NAMES = ["input_ids", "attention_mask"]
+__all__ = ["INPUT_NAMES", "OnnxClassifier", "UNFUSED"]
 # Graph rewrites ONNX Runtime would apply at load time that make these models slower. SkipLayerNormFusion: its CPU
 # kernel (1.31) takes ~320 µs on a 128 × 384 activation where the Add + LayerNormalization it replaces take ~40 µs,
 # 3.8 ms of MiniLM's 13 ms int8 batch-1 run (benchmarks/serving.py measures the whole model both ways).
 UNFUSED = ["SkipLayerNormFusion"]
-
-
-def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
-    """The model inputs for a batch of texts, as served: truncated to `max_length`, padded to the batch's longest."""
-    encoded = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="np")
-    return {name: encoded[name].astype(np.int64) for name in INPUT_NAMES}
 
 
 class OnnxClassifier:
@@ -35,7 +32,9 @@ class OnnxClassifier:
         serving = read_json(assets_dir / artifacts.SERVING)
         self.labels: list[str] = serving["labels"]
         self.max_length: int = serving["max_length"]
+        self.long_text = LongText.from_record(serving.get("long_text"), self.max_length)
         self.tokenizer = AutoTokenizer.from_pretrained(assets_dir)
+        self.windower = Windower(self.tokenizer, self.long_text)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -51,22 +50,28 @@ class OnnxClassifier:
         return cls(model_dir / artifacts.ONNX_MODEL, model_dir / "extra_files", threads)  # MLflow's folder name
 
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
-        return encode(self.tokenizer, texts, self.max_length)
+        """The graph's inputs for all windows of `texts` (one per text but under chunk), padded to the longest."""
+        return self.windower.encode(texts)[0]
+
+    def windows(self, texts: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """`encode`'s inputs and the index of the text each window row belongs to (for `pool`)."""
+        return self.windower.encode(texts)
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
-        """The model's input ids per text (truncated as in `encode`): equal ids give equal logits."""
-        return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        """The ids the model sees per text (its windows, concatenated): equal ids give equal logits."""
+        windows, owner = self.windower.windows(texts)
+        ids: list[list[int]] = [[] for _ in texts]
+        for window, text in zip(windows, owner):
+            ids[text].extend(window)
+        return ids
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(["logits"], inputs)[0]
 
     def logits(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        """Logits in the order of `texts`; batches are formed by text length, so little compute goes to padding."""
-        order = np.argsort([len(text) for text in texts], kind="stable")
-        outputs = [self.session.run(["logits"], self.encode([texts[i] for i in order[start : start + batch_size]]))[0]
-                   for start in range(0, len(texts), batch_size)]
-        if not outputs:
-            return np.empty((0, len(self.labels)), dtype=np.float32)
-        logits = np.empty_like(np.concatenate(outputs, axis=0))
-        logits[order] = np.concatenate(outputs, axis=0)
-        return logits
+        """Logits per text in the order of `texts`: `batch_size` windows per run, of similar length so little compute
+        goes to padding, then each text's windows pooled (their mean)."""
+        return self.windower.logits(self.run, texts, batch_size, len(self.labels))
 
     def predict(self, texts: list[str]) -> list[str]:
         return [self.labels[index] for index in self.logits(texts).argmax(axis=-1)]
@@ -74,10 +79,10 @@ class OnnxClassifier:
     def latency_ms(self, texts: list[str], samples: int, warmup: int) -> np.ndarray:
         """Batch-1 request latency (tokenize + run), cycling through `texts`, after `warmup` requests."""
         for index in range(warmup):
-            self.session.run(["logits"], self.encode([texts[index % len(texts)]]))
+            self.logits([texts[index % len(texts)]])
         timings = np.empty(samples)
         for index in range(samples):
             started = time.perf_counter()
-            self.session.run(["logits"], self.encode([texts[index % len(texts)]]))
+            self.logits([texts[index % len(texts)]])
             timings[index] = (time.perf_counter() - started) * 1000
         return timings

@@ -1,4 +1,5 @@
 """HTTP inference for a registered model's champion: a FastAPI app over ONNX Runtime that follows the alias.
+Texts longer than the model's max_length are windowed and pooled as it was trained (its serving.json's long_text).
 
 `create_app` serves `models:/NAME@champion`. When the alias moves (a promotion or a rollback), noticed by
 polling the registry or on `POST /reload`, the new version is downloaded and loaded in full first; then one
@@ -324,6 +325,7 @@ def create_app(model_name: str, registry: Registry | None = None, limits: Limits
             **{key: version.tags.get(key) for key in METADATA_TAGS},
             "labels": served.classifier.labels,
             "max_length": served.classifier.max_length,
+            "long_text": served.classifier.long_text.record(),  # the policy it was trained with; the served windows follow it
             "loaded_at": served.loaded_at,
             "last_error": champion.last_error,
             "limits": asdict(limits),

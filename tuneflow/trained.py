@@ -17,7 +17,7 @@ from tuneflow.artifacts import read_json
 from tuneflow.config import ModelConfig
 from tuneflow.methods import METHODS
 from tuneflow.models import load_classifier
-from tuneflow.onnx_runtime import INPUT_NAMES, encode
+from tuneflow.windows import INPUT_NAMES, LongText, Windower
 
 
 def load_trained(model_dir: Path, model_cfg: ModelConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -40,17 +40,23 @@ class LogitsOnly(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def predict_logits(model: torch.nn.Module, tokenizer, texts: list[str], max_length: int, batch_size: int) -> np.ndarray:
-    """A PyTorch classifier's logits (float32) in eval mode, in the order of `texts`, its inputs encoded as the ONNX model's are."""
+def predict_logits(model: torch.nn.Module, tokenizer, texts: list[str], long_text: LongText, batch_size: int) -> np.ndarray:
+    """A PyTorch classifier's logits (float32) in eval mode, one row per text in the order of `texts`: its inputs are the
+    windows the ONNX model gets (tuneflow/windows.py), `batch_size` windows at a time, pooled per text as served."""
     device = next(model.parameters()).device
     model.eval()
-    outputs = []
+
+    def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        logits = model(**{name: torch.from_numpy(inputs[name]).to(device) for name in INPUT_NAMES}).logits
+        return logits.float().cpu().numpy()
+
     with torch.no_grad():
-        for start in range(0, len(texts), batch_size):
-            inputs = encode(tokenizer, texts[start : start + batch_size], max_length)
-            logits = model(**{name: torch.from_numpy(inputs[name]).to(device) for name in INPUT_NAMES}).logits
-            outputs.append(logits.float().cpu().numpy())
-    return np.concatenate(outputs) if outputs else np.empty((0, model.config.num_labels), dtype=np.float32)
+        return Windower(tokenizer, long_text).logits(run, texts, batch_size, model.config.num_labels)
+
+
+def summary_long_text(summary: dict[str, Any]) -> LongText:
+    """The policy a model was trained with, from its train_summary.json (truncate for a model trained before it existed)."""
+    return LongText.from_record(summary.get("long_text"), summary["max_length"])
 
 
 def write_logits(path: Path, logits: np.ndarray) -> None:

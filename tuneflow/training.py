@@ -136,6 +136,56 @@ def balanced_class_weights(label_ids: list[int], classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def class_ratio(label_ids: list[int]) -> float:
+    """Largest over smallest class count among the classes present (1.0 for one class)."""
+    counts = np.bincount(np.asarray(label_ids, dtype=int))
+    counts = counts[counts > 0]
+    return float(counts.max() / counts.min()) if counts.size else 1.0
+
+
+def class_weighting(setting: str, label_ids: list[int], auto_ratio: float) -> dict[str, Any]:
+    """What `train.class_weights` resolves to on this train split: `auto` is balanced when the largest/smallest
+    class ratio is at least `auto_ratio`, none otherwise. The record goes into train_summary.json."""
+    ratio = class_ratio(label_ids)
+    applied = setting if setting != "auto" else ("balanced" if ratio >= auto_ratio else "none")
+    record: dict[str, Any] = {"setting": setting, "applied": applied, "train_class_ratio": round(ratio, 4)}
+    if setting == "auto":
+        record["auto_ratio"] = auto_ratio
+        record["reason"] = (f"train class ratio {ratio:.2f} {'≥' if applied == 'balanced' else '<'} {auto_ratio:g}: "
+                            f"{'balanced weighted cross-entropy' if applied == 'balanced' else 'plain cross-entropy'}")
+    return record
+
+
+def collapsed_evaluation(metrics: dict[str, Any], classes: int) -> bool:
+    """One evaluation answered a single class for every validation text: what `diagnose` calls collapse."""
+    return classes > 1 and metrics.get("eval_predicted_classes") == 1
+
+
+class CollapseGuard(TrainerCallback):
+    """Stop the attempt at the first validation evaluation that predicts one class for every text (the collapse
+    diagnosis would fire on it), so the restart at a lower learning rate does not wait for the remaining epochs.
+    Reads the validation metrics only (compute_metrics' `predicted_classes`)."""
+
+    def __init__(self, classes: int):
+        self.classes = classes
+        self.fired_at_epoch: float | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.fired_at_epoch is None and collapsed_evaluation(metrics or {}, self.classes):
+            self.fired_at_epoch = state.epoch
+            control.should_training_stop = True
+        return control
+
+
+def attempt_record(history: list[dict[str, Any]], learning_rate: float, seconds: float, classes: int) -> dict[str, Any]:
+    """One training attempt, as train_summary.json's `attempts` lists it: its learning rate, time, and each
+    validation evaluation (epoch, macro-F1, accuracy, classes predicted)."""
+    evals = [{"epoch": entry["epoch"], "macro_f1": entry["eval_macro_f1"], "accuracy": entry["eval_accuracy"],
+              "predicted_classes": entry.get("eval_predicted_classes")} for entry in history if "eval_macro_f1" in entry]
+    return {"learning_rate": learning_rate, "train_time_s": round(seconds, 2), "validation": evals,
+            "collapsed": diagnose(history, classes)["collapsed"]}
+
+
 def series(history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
     """(step, value) of one logged quantity ("loss", "eval_loss", "grad_norm") from the Trainer's log history."""
     return [(entry["step"], entry[key]) for entry in history if key in entry]

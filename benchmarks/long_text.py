@@ -1,0 +1,132 @@
+"""`model.long_text` on the default job (BBC, LoRA on MiniLM-L6, max_length 128): truncate vs head_tail vs chunk.
+
+The repository's params.yaml, in a scratch directory: ingest and the data gate once, then per policy the train and
+export stages (the stage runner, as `tuneflow train` / `tuneflow export` run them) and the shipped ONNX model on the
+test split, pooled as served. Validation macro-F1 is the saved model's as served (train_summary.json); test macro-F1
+comes with its paired bootstrap difference from truncate on the same rows. Prints a table and appends it to
+benchmarks/RESULTS.md.
+
+    .venv/bin/python benchmarks/long_text.py [--policies truncate,head_tail,chunk] [--set KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import publish  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--policies", default="truncate,head_tail,chunk")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    policies = args.policies.split(",")
+
+    from pipeline.runner import run_stage
+    from pipeline.table import STAGES
+    from tuneflow import artifacts as a
+    from tuneflow.config import load_params, parse_set, with_overrides
+    from tuneflow.data import read_splits
+    from tuneflow.scoring import Bootstrap, macro_f1_along
+
+    scratch = Path(tempfile.mkdtemp(prefix="tuneflow-long-text-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"  # train/export do not register; to be safe
+    base = load_params(REPO / "params.yaml", ("--set", parse_set(args.overrides)))
+    load_before, started_all = os.getloadavg(), time.perf_counter()
+    shared = with_overrides(base, "benchmark", {"artifacts": str(scratch / "shared")})
+    for name in ("ingest", "validate"):
+        run_stage(STAGES[name], shared)
+    gated = Path(shared.artifacts) / a.VALIDATION / a.GATED_DATA
+    test = read_splits(gated)["test"]
+    card = json.loads((gated / a.DATA_CARD).read_text())
+
+    rows, predictions, interrupted = [], {}, False
+    try:
+        measure(policies, base, scratch, shared, test, rows, predictions)
+    except KeyboardInterrupt:  # Ctrl-C (SIGINT): publish the policies measured so far, saying so
+        interrupted = True
+    load_after = os.getloadavg()
+    bootstrap = Bootstrap(1000, 0.95, 0)
+    lines = ["| model.long_text | validation macro-F1 (as served) | test macro-F1 | Δ test vs truncate (95 % CI) | windows per test text | "
+             "train s (epochs) | export s | test inference ms/text | batch-1 P50 / P95 ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        delta = "—"
+        if "truncate" in predictions and row["policy"] != "truncate":
+            classes = np.unique(row["truth"])
+            interval = bootstrap.interval(lambda t, ours, theirs, axis: macro_f1_along(t, ours, classes, axis) -
+                                          macro_f1_along(t, theirs, classes, axis),
+                                          row["truth"], predictions[row["policy"]], predictions["truncate"])
+            delta = f"{interval['value']:+.4f} ({interval['low']:+.4f} to {interval['high']:+.4f})"
+        summary = row["summary"]
+        lines.append(f"| {row['policy']} | {summary['served_validation_macro_f1']:.4f} | {row['macro_f1']:.4f} | {delta} | "
+                     f"{row['windows_per_text']:.2f} | {row['train_s']:.0f} ({summary['epochs_run']:g}) | {row['export_s']:.0f} | "
+                     f"{row['test_ms_per_text']:.1f} | {row['p50']:.1f} / {row['p95']:.1f} |")
+    first = rows[0]["summary"]
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header = (f"## Long texts on BBC: `model.long_text` truncate vs head_tail vs chunk (issue 13) — {stamp}\n\n"
+              f"`python benchmarks/long_text.py{' --policies ' + args.policies if args.policies != 'truncate,head_tail,chunk' else ''}"
+              f"{''.join(' --set ' + pair for pair in args.overrides)}`; params.yaml's default job ({first['method']} on "
+              f"{first['base_model']}, max_length {first['max_length']}, {base.train.epochs:g} epochs, bf16 {first['bf16']}), "
+              f"head_fraction {base.model.head_fraction}, chunk_overlap {base.model.chunk_overlap}, max_chunks {base.model.max_chunks}. "
+              f"Data: train {card['counts']['train']}, validation {card['counts']['validation']}, test {card['counts']['test']}. "
+              f"Per policy: the train and export stages, then the shipped ONNX model on the test split (every window, logits "
+              f"averaged per text under chunk). Machine: {os.cpu_count()} cores, {platform.machine()}, shared with other "
+              f"sessions' jobs (load average {load_before[0]:.1f} before, {load_after[0]:.1f} after), so compare rows of this "
+              f"table, not absolute times. {(time.perf_counter() - started_all) / 60:.0f} minutes in all"
+              f"{f'; interrupted after {len(rows)} of {len(policies)} policies' if interrupted else ''}.\n\n")
+    publish("\n" + header + "\n".join(lines) + "\n")
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def measure(policies, base, scratch, shared, test, rows, predictions) -> None:
+    from pipeline.runner import run_stage
+    from pipeline.table import STAGES
+    from tuneflow import artifacts as a
+    from tuneflow.config import with_overrides
+    from tuneflow.onnx_runtime import OnnxClassifier
+    from tuneflow.scoring import macro_f1_along
+
+    for policy in policies:
+        params = with_overrides(base, "benchmark", {"artifacts": str(scratch / policy), "model.long_text": policy})
+        shutil.copytree(shared.artifacts, params.artifacts)
+        began = time.perf_counter()
+        run_stage(STAGES["train"], params)
+        trained = time.perf_counter()
+        run_stage(STAGES["export"], params)
+        exported = time.perf_counter()
+        root = Path(params.artifacts)
+        summary = json.loads((root / a.MODEL / a.TRAIN_SUMMARY).read_text())
+        classifier = OnnxClassifier.from_export(root / a.EXPORT)
+        texts = test["text"].tolist()
+        truth = test["label"].map({label: index for index, label in enumerate(classifier.labels)}).to_numpy()
+        scoring = time.perf_counter()
+        predicted = classifier.logits(texts).argmax(axis=-1)
+        scored = time.perf_counter()
+        windows = len(classifier.windows(texts)[1])
+        latency = classifier.latency_ms(texts[:50], samples=50, warmup=5)
+        predictions[policy] = predicted
+        rows.append({"policy": policy, "truth": truth, "summary": summary, "train_s": trained - began,
+                     "export_s": exported - trained, "test_ms_per_text": (scored - scoring) * 1000 / len(texts),
+                     "windows_per_text": windows / len(texts), "p50": float(np.percentile(latency, 50)),
+                     "p95": float(np.percentile(latency, 95)), "macro_f1": float(macro_f1_along(truth, predicted, np.unique(truth)))})
+        progress = {key: value for key, value in rows[-1].items() if key not in ("truth", "summary")}
+        print(json.dumps(progress | {"validation_macro_f1": summary["served_validation_macro_f1"]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
