@@ -33,7 +33,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import MR, publish  # noqa: E402
+from benchmarks.common import MR, merged_test_predictions, publish  # noqa: E402
 
 MAJORITY, MINORITY, SEED = 4500, 643, 13  # 7.0 : 1
 
@@ -68,26 +68,10 @@ def data_changes(dataset: str, work: Path) -> dict:
 
 def test_macro_f1(model_dir: Path, data_dir: Path, model_cfg, summary: dict) -> float:
     """Macro-F1 of the trained model, merged the way export merges it, on the test split: the verdict only."""
-    import torch
     from sklearn.metrics import f1_score
 
-    from tuneflow.data import read_splits
-    from tuneflow.methods import METHODS
-    from tuneflow.models import load_classifier, load_tokenizer
-
-    labels = summary["labels"]
-    model = METHODS[summary["method"]].load_merged(model_dir, lambda **kw: load_classifier(model_cfg, labels, **kw),
-                                                  summary["export_record"]).eval()
-    tokenizer = load_tokenizer(model_cfg)
-    test = read_splits(data_dir)["test"]
-    texts, truth = test["text"].tolist(), test["label"].map({label: i for i, label in enumerate(labels)}).to_numpy()
-    predicted = []
-    with torch.no_grad():
-        for start in range(0, len(texts), 64):
-            batch = tokenizer(texts[start:start + 64], truncation=True, max_length=summary["max_length"], padding=True,
-                              return_tensors="pt")
-            predicted.append(model(**batch).logits.argmax(-1).numpy())
-    return float(f1_score(truth, np.concatenate(predicted), average="macro"))
+    predicted, truth = merged_test_predictions(model_dir, data_dir, model_cfg, summary)
+    return float(f1_score(truth, predicted, average="macro"))
 
 
 def run(name: str, dataset: str, changes: dict, work: Path) -> dict:

@@ -21,23 +21,24 @@ def publish(text: str) -> None:
         results.write(text)
 
 
-def merged_test_accuracy(model_dir: Path, data_dir: Path, model_cfg: ModelConfig, summary: dict[str, Any]) -> tuple[float, int]:
-    """(accuracy, rows) on the test split of `data_dir`, from train's output in `model_dir` and its train_summary."""
-    import torch
-
+def merged_test_predictions(model_dir: Path, data_dir: Path, model_cfg: ModelConfig, summary: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted, true) label indices on the test split of `data_dir`, from train's output in `model_dir` merged the
+    way export merges it, its inputs as served (the model's `model.long_text` policy)."""
     from tuneflow.data import read_splits
     from tuneflow.methods import METHODS
     from tuneflow.models import load_classifier, load_tokenizer
+    from tuneflow.trained import predict_logits, summary_long_text
 
     labels = summary["labels"]
     model = METHODS[summary["method"]].load_merged(model_dir, lambda **kw: load_classifier(model_cfg, labels, **kw),
                                                   summary["export_record"]).eval()
-    tokenizer = load_tokenizer(model_cfg)
     test = read_splits(data_dir)["test"]
-    texts, truth = test["text"].tolist(), test["label"].map({label: i for i, label in enumerate(labels)}).to_numpy()
-    predictions = []
-    with torch.no_grad():
-        for start in range(0, len(texts), 64):
-            batch = tokenizer(texts[start:start + 64], truncation=True, max_length=summary["max_length"], padding=True, return_tensors="pt")
-            predictions.append(model(**batch).logits.argmax(-1).numpy())
-    return float((np.concatenate(predictions) == truth).mean()), len(texts)
+    truth = test["label"].map({label: i for i, label in enumerate(labels)}).to_numpy()
+    logits = predict_logits(model, load_tokenizer(model_cfg), test["text"].tolist(), summary_long_text(summary), 64)
+    return logits.argmax(axis=-1), truth
+
+
+def merged_test_accuracy(model_dir: Path, data_dir: Path, model_cfg: ModelConfig, summary: dict[str, Any]) -> tuple[float, int]:
+    """(accuracy, rows) on the test split of `data_dir`, from train's output in `model_dir` and its train_summary."""
+    predicted, truth = merged_test_predictions(model_dir, data_dir, model_cfg, summary)
+    return float((predicted == truth).mean()), len(truth)
