@@ -32,7 +32,7 @@ run: setup
 	$(BIN)/tuneflow run
 
 test: setup
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=25
 
 # A persistent Prefect server on loopback (UI at http://127.0.0.1:$(PREFECT_PORT)); its scheduler fires the cron
 # schedules that `make deploy` (in a second shell) registers and serves. Its database: $$PREFECT_HOME (~/.prefect).

@@ -65,6 +65,29 @@ def with_rare_class() -> pd.DataFrame:
     return pd.concat([topic_frame(10), pd.DataFrame([{"text": "a single lonely example", "label": "rare"}])])
 
 
+def with_10mb_text() -> pd.DataFrame:
+    return pd.concat([topic_frame(10), pd.DataFrame([{"text": "goal " * (2 * 1024 * 1024), "label": "sport"}])])
+
+
+def five_classes_three_rows() -> pd.DataFrame:
+    return pd.DataFrame([{"text": f"class {label} sample {row} " + " ".join(f"w{label}{word}" for word in range(row, row + 5)),
+                          "label": f"c{label}"} for label in range(5) for row in range(3)])
+
+
+def gated(name: str, source: str, frame: Callable[[], pd.DataFrame], names: str) -> Case:
+    """`validate` of `frame`, a failed data gate (exit 3). `frame` is ingested first into an artifacts root of its own,
+    bad/bad-<stem>: ingest writes, and the gate publishes its evidence there, never into the project's root."""
+    sets = [item for value in (f"data.source=bad/{source}", f"artifacts=bad/bad-{Path(source).stem}") for item in ("--set", value)]
+
+    def prepare(folder: Path) -> None:
+        from cli.main import main
+
+        frame().to_csv(folder / source, index=False)
+        assert main(["ingest", *sets]) == 0, f"ingest of bad/{source}"
+
+    return Case(name, ["validate", *sets], 3, names, prepare)
+
+
 CASES = [
     # data
     Case("empty file", ingest("empty.csv"), 2, "empty.csv", write_bytes("empty.csv", b"")),
@@ -89,6 +112,9 @@ CASES = [
     Case("data.sample leaves one row for two splits", ingest(TOPICS, "data.sample=29"), 2, "data.sample"),
     Case("a one-row class with data.sample", ingest("rare.csv", "data.sample=20"), 2, "'rare'", write_frame("rare.csv", with_rare_class())),
     Case("a one-row class", ingest("rare.csv"), 2, "'rare'", write_frame("rare.csv", with_rare_class())),
+    # data the data gate refuses (exit 3): ingested into a root of their own first
+    gated("a 10 MB single text", "long.csv", with_10mb_text, "text_length"),
+    gated("5 classes x 3 rows", "five.csv", five_classes_three_rows, "test_label_coverage"),
     # params and command line
     Case("--params is a folder", ["--params", "bad", "ingest"], 2, "bad: is a folder"),
     Case("--params is not UTF-8", ["--params", "bad/latin.yaml", "ingest"], 2, "latin.yaml: not UTF-8",
@@ -130,9 +156,15 @@ CASES = [
 ]
 
 
+# the artifacts root, the registry database and its artifact store: mlruns/, where an MLflow client on a SQLite
+# store puts the runs' and the models' files (mlartifacts/ is `mlflow server`'s default, absent here)
+STATE = ("artifacts", "mlflow.db", "mlruns")
+
+
 def state_hash(project: Path) -> str:
-    """The artifacts root, the registry database and its artifact store, byte for byte."""
-    parts = [content_hash(project / "artifacts"), content_hash(project / "mlflow.db"), content_hash(project / "mlartifacts")]
+    """The project's state (STATE), byte for byte."""
+    parts = {name: content_hash(project / name) for name in STATE}
+    assert None not in parts.values(), parts  # an absent part hashes the same before and after: it would prove nothing
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -204,7 +236,8 @@ def test_under_prefect_a_user_error_or_a_failed_gate_prints_no_traceback(project
 
 
 def test_serving_a_champion_whose_artifact_is_missing_is_one_line(project, capsys, monkeypatch):
-    """The registry still names @champion but its files are gone from the artifact store: `serve` exits 1 with one line."""
+    """The registry still names @champion but its files are gone from the artifact store: `serve` exits 1 with one line,
+    and leaves the artifacts and the registry byte for byte as they were (the table's case, with a store to restore)."""
     import uvicorn
 
     from cli.main import main
@@ -217,10 +250,17 @@ def test_serving_a_champion_whose_artifact_is_missing_is_one_line(project, capsy
     champion = registry.by_alias("tiny", CHAMPION)
     store = Path(registry.client.get_model_version_download_uri("tiny", champion.version).removeprefix("file://"))
     aside = store.with_name(store.name + ".aside")
+    capsys.readouterr()
     store.rename(aside)
     try:
+        before = state_hash(project)  # with the store aside: what `serve` must not touch
         code = main(["serve", "--model", "tiny", "--port", "1"])
+        after = state_hash(project)
     finally:
         aside.rename(store)
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tuneflow: ")]
-    assert code == 1 and len(errors) == 1 and f"tiny v{champion.version}" in errors[0], errors
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("tuneflow: ")]
+    assert code == 1 and len(errors) == 1 and errors[0].startswith("tuneflow: error: "), captured.err
+    assert f"tiny v{champion.version}" in errors[0], errors
+    assert "Traceback" not in captured.err + captured.out
+    assert after == before

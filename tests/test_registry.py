@@ -323,15 +323,54 @@ def tracking_server(workdir, monkeypatch):
 
 @pytest.mark.slow
 def test_everything_works_against_a_tracking_server_and_no_file_holds_its_password(tiny_model, workdir, tracking_server, capsys):
+    """Issue 11's registry work over HTTP, one server start: int8 shipped and tagged, `registry list | show`, a failure
+    injected at the @champion move and the retry that reuses the version, rollbacks, a forced promotion, serving."""
+    from tuneflow.artifacts import content_hash
+
     params = tiny_params(tiny_model, workdir)
+    params = params.model_copy(update={"export": params.export.model_copy(update={"quantize": "dynamic"})})
     layout = run_until(params, "promote")
     first = json.loads((layout.promotion / a.DECISION).read_text())
     assert first["promoted"] and first["tracking_uri"] == f"http://***@127.0.0.1:{tracking_server}"
+    registry = Registry()
+    # int8: the shipped file is what the tags name and what a download over HTTP gives
+    parity = json.loads((layout.export / a.PARITY).read_text())
+    assert parity["onnx_file"] == "model.int8.onnx", parity["quantization"]
+    int8_sha = content_hash(layout.export / "model.int8.onnx")
+    v1 = registry.get("tiny", "1")
+    assert v1.tags["shipped_file"] == "model.int8.onnx" and v1.tags["onnx_sha256"] == int8_sha
+    assert content_hash(registry.download(v1, workdir / "download") / "model.onnx") == int8_sha
+    capsys.readouterr()
+    assert main(["registry", "show", "tiny", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert "  shipped_file: model.int8.onnx\n" in shown and f"  onnx_sha256: {int8_sha}\n" in shown, shown
+    assert f"      learning_rate: {params.train.learning_rate}" in shown  # the run's params, read over HTTP
+
     second = reseeded(params).model_copy(update={"evaluate": params.evaluate.model_copy(update={"non_inferiority_margin": 1.0})})
     evaluated(second)
     assert json.loads((layout.eval / a.METRICS).read_text())["champion"]["paired"]  # v1 downloaded from the server
-    assert promote_decision(second)["promoted"]
-    registry = Registry()
+    # a failure at the @champion move (after registering v2 and moving @challenger): nothing moves, v2 is marked
+    with pytest.raises(RegistryError, match="injected failure in set_alias"):
+        promote_decision(second, Flaky("set_alias", 2))
+    assert registry.aliases("tiny") == {CHAMPION: "1", CHALLENGER: "1"}
+    assert [version.version for version in registry.versions("tiny")] == ["1", "2"]
+    assert registry.get("tiny", "2").tags[PROMOTION_TAG].startswith("failed: registry test: injected failure in set_alias")
+    failed = json.loads((layout.promotion / a.DECISION).read_text())
+    assert not failed["promoted"] and failed["alias"] is None and "injected failure" in failed["failed"]
+    capsys.readouterr()
+    assert main(["registry", "list"]) == 0
+    assert capsys.readouterr().out.strip() == "tiny  2 version(s)  @challenger=v1, @champion=v1"
+    assert main(["registry", "show", "tiny"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0].startswith("v1") and "@champion" in listed[0] and "shipped_file=model.int8.onnx" in listed[0], listed
+    assert listed[1].startswith("v2") and "@" not in listed[1] and "promotion=failed: registry test" in listed[1], listed
+    retried = promote_decision(second)  # the retry reuses v2: no duplicate
+    assert retried["promoted"] and retried["version"] == "2" and "reused, nothing registered" in retried["reasons"][0]
+    assert [version.version for version in registry.versions("tiny")] == ["1", "2"]
+    v2 = registry.get("tiny", "2")
+    assert v2.tags[PROMOTION_TAG] == "done"
+    assert v2.tags["shipped_file"] == json.loads((layout.export / a.PARITY).read_text())["onnx_file"]
+    assert v2.tags["onnx_sha256"] == content_hash(layout.export / v2.tags["shipped_file"])
     assert registry.aliases("tiny") == {CHAMPION: "2", CHALLENGER: "2"}
     assert main(["registry", "rollback", "tiny", "--reason", "server rollback"]) == 0
     assert registry.by_alias("tiny", CHAMPION).version == "1"
@@ -340,7 +379,7 @@ def test_everything_works_against_a_tracking_server_and_no_file_holds_its_passwo
     capsys.readouterr()
     assert main(["registry", "history", "tiny"]) == 0
     assert "rollback  by" in capsys.readouterr().out
-    # the server follows the registry over HTTP: v2 again (reused above), then a rollback it picks up
+    # the server follows the registry over HTTP: v2 again (reused above), then a rollback and a forced promotion
     from test_serving import Workspace, serving
 
     with serving(Workspace(workdir, layout.export, registry), "tiny", "--poll-seconds", "0") as server:
@@ -348,6 +387,18 @@ def test_everything_works_against_a_tracking_server_and_no_file_holds_its_passwo
         assert main(["registry", "rollback", "tiny", "--reason", "served rollback"]) == 0
         assert server.post("/reload").json()["changed"]
         assert server.predict(["the striker scored"]).json()["version"] == "1"
+        assert main(["registry", "promote", "tiny", "2", "--force", "--reason", "forced over HTTP"]) == 0
+        assert server.post("/reload").json()["version"] == "2"
+        assert server.predict(["the striker scored"]).json()["version"] == "2"
+    capsys.readouterr()
+    assert main(["registry", "history", "tiny", "--json"]) == 0
+    entries = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    champion_moves = [(e["from_version"], e["to_version"], e["action"], e["forced"]) for e in entries if e["alias"] == CHAMPION]
+    assert champion_moves == [(None, "1", "promote", False), ("1", "2", "promote", False), ("2", "1", "rollback", False),
+                              ("1", "2", "promote", False), ("2", "1", "rollback", False), ("1", "2", "force", True)]
+    assert entries[-1]["reason"] == "forced over HTTP" and entries[-1]["run_id"] == v2.run_id
+    assert (CHALLENGER, "2", "1", "revert") in [(e["alias"], e["from_version"], e["to_version"], e["action"]) for e in entries]
+    assert registry.aliases("tiny")[CHAMPION] == "2"
     leaked = [path for path in workdir.rglob("*") if path.is_file() and b"s3cret" in path.read_bytes()]
     assert leaked == []
 

@@ -6,12 +6,17 @@ move them.
 """
 
 import asyncio
+import fnmatch
 import json
 import os
+import posixpath
+import re
+import shlex
 import socket
 import subprocess
 import threading
 import time
+import tomllib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -427,12 +432,220 @@ def test_the_serve_command_and_its_defaults():
     assert DEFAULT_LIMITS == {"max_texts": 64, "max_chars": 10_000, "max_body_bytes": 4 * 1024 * 1024} and args.onnx_threads == 1
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the container: deploy/server/Dockerfile read the way `docker build` reads it (stdlib only: no docker here)
+
+DOCKERFILE_KEYWORDS = frozenset({"ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "FROM", "HEALTHCHECK", "LABEL",
+                                 "MAINTAINER", "ONBUILD", "RUN", "SHELL", "STOPSIGNAL", "USER", "VOLUME", "WORKDIR"})
+
+
+@dataclass(frozen=True)
+class Instruction:
+    line: int  # where it starts
+    keyword: str
+    arguments: str
+
+    def exec_form(self) -> list[str] | None:
+        """The JSON (exec) form's list, or None for the shell form."""
+        text = self.arguments.strip()
+        return json.loads(text) if text.startswith("[") else None
+
+
+def dockerfile_instructions(text: str) -> list[Instruction]:
+    """Instructions as the Dockerfile parser sees them: comment and blank lines dropped (inside a continuation
+    too), lines ending in the escape character (`\\`, or the `# escape=` directive's) joined to the next."""
+    escape, lines = "\\", text.splitlines()
+    for line in lines:  # parser directives: `# key=value` lines at the very top
+        directive = re.fullmatch(r"#\s*(\w+)\s*=\s*(\S+)\s*", line)
+        if directive is None:
+            break
+        if directive[1].lower() == "escape":
+            escape = directive[2]
+    instructions, pending, start = [], "", 0
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if not pending:
+            start = number
+        if line.rstrip().endswith(escape):
+            pending += line.rstrip()[:-len(escape)]
+            continue
+        keyword, _, arguments = (pending + line).strip().partition(" ")
+        assert "<<" not in arguments, f"Dockerfile line {start}: a heredoc; this test does not read those"
+        instructions.append(Instruction(start, keyword, arguments.strip()))
+        pending = ""
+    assert not pending, f"Dockerfile line {start}: the file ends inside a continuation"
+    return instructions
+
+
+def dockerignore_rules(path: Path) -> list[tuple[re.Pattern, bool]]:
+    """(pattern, excludes) per line, in order: Go's filepath.Match syntax plus `**`, `!` for an exception."""
+    rules = []
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        excludes = not line.startswith("!")
+        pattern = posixpath.normpath(line.lstrip("!").strip()).lstrip("/")
+        regex, index = "", 0
+        while index < len(pattern):
+            char = pattern[index]
+            if pattern.startswith("**/", index):
+                regex, index = regex + "(?:.*/)?", index + 3
+                continue
+            if pattern.startswith("**", index):
+                regex, index = regex + ".*", index + 2
+                continue
+            if char == "*":
+                regex += "[^/]*"
+            elif char == "?":
+                regex += "[^/]"
+            elif char == "[":
+                close = pattern.index("]", index + 1)
+                regex, index = regex + "[" + pattern[index + 1:close].replace("\\", "\\\\") + "]", close + 1
+                continue
+            elif char == "\\" and index + 1 < len(pattern):
+                regex, index = regex + re.escape(pattern[index + 1]), index + 2
+                continue
+            else:
+                regex += re.escape(char)
+            index += 1
+        rules.append((re.compile(regex), excludes))
+    return rules
+
+
+def excluded(relative: str, rules: list[tuple[re.Pattern, bool]]) -> bool:
+    """Whether the build context leaves `relative` out: the last rule matching it or one of its parent folders wins
+    (how moby's patternmatcher decides)."""
+    parts = relative.split("/")
+    candidates = [relative] + ["/".join(parts[:depth]) for depth in range(1, len(parts))]
+    verdict = False
+    for regex, excludes in rules:
+        if any(regex.fullmatch(candidate) for candidate in candidates):
+            verdict = excludes
+    return verdict
+
+
+def documented_build(readme: Path) -> tuple[str, str]:
+    """(the -f Dockerfile, the context) of the README's `docker build` command."""
+    command = next(line.split() for line in readme.read_text().splitlines() if line.strip().startswith("docker build"))
+    return command[command.index("-f") + 1], command[-1]
+
+
+def image_files(instructions: list[Instruction], context: Path, rules) -> tuple[dict[str, str], list[str], tuple | None]:
+    """What the COPY instructions put where (context-relative file -> path in the image), every problem found (an
+    unknown instruction, a COPY source that is missing or left out of the context), and where `pip install .` runs
+    with what was in place by then (None if it never does)."""
+    placed, problems, workdir, install = {}, [], "/", None
+    for instruction in instructions:
+        keyword = instruction.keyword.upper()
+        where = f"Dockerfile line {instruction.line}"
+        if keyword not in DOCKERFILE_KEYWORDS:
+            problems.append(f"{where}: {instruction.keyword} is not a Dockerfile instruction")
+        elif keyword == "WORKDIR":
+            workdir = posixpath.normpath(posixpath.join(workdir, instruction.arguments))
+        elif keyword in ("COPY", "ADD"):
+            words = instruction.exec_form() or shlex.split(instruction.arguments)
+            flags = [word for word in words if word.startswith("--")]
+            *sources, destination = [word for word in words if not word.startswith("--")]
+            if any(flag.startswith("--from") for flag in flags):
+                continue  # from another stage or image: not the build context
+            target = posixpath.normpath(posixpath.join(workdir, destination))
+            into_folder = destination.endswith("/") or len(sources) > 1
+            for source in sources:
+                relative = posixpath.normpath(source).lstrip("/")
+                matches = sorted(str(path.relative_to(context)) for path in context.glob(relative)) \
+                    if any(char in relative for char in "*?[") else [relative] if (context / relative).exists() else []
+                if not matches:
+                    problems.append(f"{where}: COPY source {source} does not exist in the build context {context}")
+                for match in matches:
+                    if excluded(match, rules):
+                        problems.append(f"{where}: COPY source {match} is excluded by the .dockerignore")
+                    elif (context / match).is_dir():
+                        for path in sorted((context / match).rglob("*")):
+                            inner = str(path.relative_to(context))
+                            if path.is_file() and not excluded(inner, rules):
+                                placed[inner] = posixpath.join(target, str(path.relative_to(context / match)))
+                    else:
+                        placed[match] = posixpath.join(target, posixpath.basename(match)) if into_folder else target
+        elif keyword == "RUN" and re.search(r"\bpip install \.(\s|$)", instruction.arguments):
+            install = install or (workdir, dict(placed))
+    return placed, problems, install
+
+
+def setuptools_packages(repo: Path) -> dict[str, list[str]]:
+    """pyproject.toml's `[tool.setuptools.packages.find]` as setuptools applies it (namespace packages, fnmatch on
+    dotted names, no folder with a dot in its name): package -> its modules, relative to the repository."""
+    find = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    include, exclude = find.get("include", ["*"]), find.get("exclude", [])
+    packages: dict[str, list[str]] = {}
+
+    def walk(folder: Path, prefix: str) -> None:
+        for child in sorted(path for path in folder.iterdir() if path.is_dir()):
+            if "." in child.name or child.name == "__pycache__":
+                continue
+            package = prefix + child.name
+            if any(fnmatch.fnmatchcase(package, pattern) for pattern in include) and \
+                    not any(fnmatch.fnmatchcase(package, pattern) for pattern in exclude):
+                packages[package] = sorted(str(path.relative_to(repo)) for path in child.glob("*.py"))
+            walk(child, package + ".")
+
+    for where in find.get("where", ["."]):
+        walk(repo / where, "")
+    return packages
+
+
+def dockerfile_problems(repo: Path) -> list[str]:
+    """Everything wrong with the server image as the README builds it: [] when nothing is."""
+    file, context_name = documented_build(repo / "README.md")
+    dockerfile, context = repo / file, (repo / context_name).resolve()
+    ignore = dockerfile.with_name(dockerfile.name + ".dockerignore")  # BuildKit prefers it to the context's one
+    ignore = ignore if ignore.exists() else context / ".dockerignore"
+    rules = dockerignore_rules(ignore) if ignore.exists() else []
+    instructions = dockerfile_instructions(dockerfile.read_text())
+    _, problems, install = image_files(instructions, context, rules)
+    if install is None:
+        return problems + ["no RUN pip install . (the project is never installed)"]
+    install_dir, placed = install
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    needed = ["pyproject.toml", project["readme"]] + [module for modules in setuptools_packages(repo).values() for module in modules]
+    for relative in needed:
+        if placed.get(relative) != posixpath.join(install_dir, relative):
+            problems.append(f"{relative} is not at {posixpath.join(install_dir, relative)} in the image when `pip install .` "
+                            f"runs (COPY puts it at {placed.get(relative)})")
+    return problems
+
+
+def test_the_dockerfile_builds_from_the_repository_and_installs_every_package():
+    """Each instruction is a Dockerfile instruction, each COPY source exists and is in the build context (its
+    .dockerignore), and every module of every package pyproject.toml installs is in place when `pip install .` runs."""
+    assert setuptools_packages(REPO).keys() == {"cli", "flows", "pipeline", "tasks", "tuneflow"}  # the walk finds them
+    assert dockerfile_problems(REPO) == []
+
+
 def test_the_dockerfile_installs_the_pinned_cpu_torch_and_runs_the_server():
-    dockerfile = (REPO / "deploy" / "server" / "Dockerfile").read_text()
-    torch_pin = next(line.strip(' ",') for line in (REPO / "pyproject.toml").read_text().splitlines() if '"torch==' in line)
-    assert dockerfile.startswith("#") and "FROM python:3.11-slim" in dockerfile
-    assert f"pip install {torch_pin} --index-url https://download.pytorch.org/whl/cpu" in dockerfile
-    assert '"tuneflow", "serve", "--host", "0.0.0.0"' in dockerfile and "MLFLOW_TRACKING_URI" in dockerfile
+    text = (REPO / "deploy" / "server" / "Dockerfile").read_text()
+    instructions = dockerfile_instructions(text)
+    by_keyword = {}
+    for instruction in instructions:
+        by_keyword.setdefault(instruction.keyword, []).append(instruction)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    torch_pin = next(requirement for requirement in project["dependencies"] if requirement.startswith("torch=="))
+    assert text.startswith("#") and "MLFLOW_TRACKING_URI" in text  # the header says how to build and point it at a registry
+    assert instructions[0].keyword == "FROM" and instructions[0].arguments == "python:3.11-slim"
+    assert project["requires-python"] == ">=3.11,<3.12"  # the base image's Python
+    runs = [instruction.arguments for instruction in by_keyword["RUN"]]
+    torch_runs = [index for index, run in enumerate(runs) if f"pip install {torch_pin} " in run]
+    project_runs = [index for index, run in enumerate(runs) if re.search(r"\bpip install \.(\s|$)", run)]
+    assert torch_runs and project_runs, runs
+    assert "--index-url https://download.pytorch.org/whl/cpu" in runs[torch_runs[0]]
+    assert torch_runs[0] < project_runs[0]  # the CPU build first: `pip install .` then finds the pin satisfied
+    (entrypoint,) = by_keyword["ENTRYPOINT"]
+    assert entrypoint.exec_form() == ["tuneflow", "serve", "--host", "0.0.0.0", "--port", "8000"]
+    assert [instruction.arguments for instruction in by_keyword["EXPOSE"]] == ["8000"]
+    assert by_keyword["USER"][-1].arguments not in ("root", "0")
+    (healthcheck,) = by_keyword["HEALTHCHECK"]
+    assert "http://127.0.0.1:8000/ready" in healthcheck.arguments and "--interval=10s" in healthcheck.arguments
 
 
 # ---------------------------------------------------------------------------------------------------------------
