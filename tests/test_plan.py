@@ -109,6 +109,50 @@ def test_equal_expected_quality_goes_to_the_fastest():
     assert recommend(rows, 1000, None)["method"] == "full"
 
 
+def test_batch_shapes_the_calibration_did_not_meet_add_memory_not_time():
+    from tuneflow.config import load_params
+    from tuneflow.planning import Calibration, estimate
+
+    # a first step at a new length that took 2 s longer (as on shared cores): not a cost of every new shape
+    calibration = Calibration(trainable_params=1, total_params=1, points=[(16.0, 0.1), (32.0, 0.2)], timings={},
+                              setup_s=0.5, eval_s_per_row=0.001, save_s=0.01, weights_bytes=1, peak_added_mb=10.0,
+                              gpu_peak_mb=None, new_shape_mb=5.0, new_shape_s=2.0)
+    params = load_params(REPO / "params.yaml")
+    few, many = (estimate("lora", calibration, params, [16.0, 24.0, 32.0] * 10, shapes, 20, 100.0, 1.0, {}, 32)
+                 for shapes in (3, 43))
+    assert few.time_per_epoch_s == many.time_per_epoch_s
+    assert many.peak_memory_mb - few.peak_memory_mb == pytest.approx(40 * 5.0)
+
+
+def test_a_new_shapes_memory_counts_where_it_reuses_memory_freed_before():
+    """The allocations a step at a new length keeps land in memory the longest batch freed: RSS does not grow, but
+    the next long batch has to grow the heap; the clock measures them as the allocator's held memory."""
+    import ctypes
+
+    from transformers import TrainerControl
+
+    from tuneflow.planning import _rss_mb, _StepClock
+
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("no glibc mallinfo2 here: the clock falls back to RSS")
+    block = 64 * 1024  # below glibc's mmap threshold: freed blocks stay in the heap
+    freed = [bytearray(block) for _ in range(1600)]  # 100 MB, as a long batch's activations
+    pin = bytearray(block)  # above them in the heap, so freeing them does not trim the heap
+    del freed
+    clock, control = _StepClock(3), TrainerControl()
+    rss = _rss_mb()
+    clock.callback.on_step_begin(None, None, control)
+    kept = [bytearray(block) for _ in range(800)]  # 50 MB kept for the new shape, in the freed memory
+    clock.callback.on_step_end(None, None, control)
+    assert _rss_mb() - rss < 10  # what RSS sees of it
+    for _ in range(2):
+        clock.callback.on_step_begin(None, None, control)
+        clock.callback.on_step_end(None, None, control)
+    held_mb, _ = clock.first_step()
+    assert 45 < held_mb < 60
+    assert control.should_training_stop and len(kept) and len(pin)
+
+
 def test_the_epoch_has_as_many_steps_as_the_trainer_takes(planned, gated):
     from tuneflow.planning import epoch_step_lengths
 

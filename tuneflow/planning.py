@@ -7,10 +7,13 @@ evaluation pass and one save, and extrapolates:
 - trainable parameters: counted on the built model (what train_summary.json reports);
 - time per epoch: a line `seconds per step = a + b · padded length` fitted to the timed steps, summed over the
   batches the Trainer's own sampler forms from this data's token lengths (length grouping or not), plus the
-  validation pass, checkpoint saves and the Trainer's start-up, divided by the epochs;
+  validation pass, checkpoint saves and the Trainer's start-up, divided by the epochs (nothing per new batch shape:
+  within one training run a padded length met for the first time costs ≤ 0.03 s more than one met before);
 - peak memory: the process's resident memory before any model is built, plus the peak the method added during its
-  calibration (VmHWM, reset per method), plus the encoded data set (measured on a sample); on a GPU, the peak the
-  CUDA allocator reserved;
+  calibration (VmHWM, reset per method), plus the encoded data set (measured on a sample), plus, for every batch
+  shape the epoch meets beyond the calibration's, what the C allocator keeps held after a step at a new padded length
+  (held bytes, not RSS: those allocations land in memory the longest batch freed, where RSS does not see them, and
+  the next long batch then has to grow the heap); on a GPU, the peak the CUDA allocator reserved;
 - artifact size: the weight files the method's save writes (saved for real, then measured);
 - expected quality: the measured test macro-F1 of every method in the comparison table (tuneflow/methods.py,
   QUALITY_TABLES) whose training-set size is nearest to this data's, and its ratio to the best method there.
@@ -24,6 +27,7 @@ The training functions come in as `TrainHooks` (the driver passes tasks/train.py
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import math
 import os
@@ -133,13 +137,13 @@ class Calibration:
     weights_bytes: int
     peak_added_mb: float  # resident memory the method added at its peak (VmHWM minus RSS before building it)
     gpu_peak_mb: float | None
-    new_shape_mb: float = 0.0  # resident memory added by the first step at a padded length not met before
-    new_shape_s: float = 0.0  # and the extra time that first step took
+    new_shape_mb: float = 0.0  # memory the allocator keeps held after the first step at a padded length not met before
+    new_shape_s: float = 0.0  # and that first step's seconds beyond the others' median (recorded, not extrapolated)
 
 
 class _StepClock:
-    """A Trainer callback: the time and resident memory at each optimizer step's start and end; it stops training
-    after `steps` steps without evaluating or saving (the calibration's evaluation and save are timed apart)."""
+    """A Trainer callback: the time and the allocator's held memory at each optimizer step's start and end; it stops
+    training after `steps` steps without evaluating or saving (the calibration's evaluation and save are timed apart)."""
 
     def __init__(self, steps: int):
         from transformers import TrainerCallback
@@ -150,10 +154,10 @@ class _StepClock:
 
         class Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
-                clock.begins.append((time.perf_counter(), _rss_mb()))
+                clock.begins.append((time.perf_counter(), _held_mb()))
 
             def on_step_end(self, args, state, control, **kwargs):
-                clock.ends.append((time.perf_counter(), _rss_mb()))
+                clock.ends.append((time.perf_counter(), _held_mb()))
                 control.should_save = control.should_evaluate = False
                 control.should_training_stop = len(clock.ends) >= clock.wanted
 
@@ -166,11 +170,36 @@ class _StepClock:
         self.begins: list[tuple[float, float]] = []
         self.ends: list[tuple[float, float]] = []
 
+    def seconds(self) -> np.ndarray:
+        return np.array([end[0] for end in self.ends]) - np.array([begin[0] for begin in self.begins])
+
+    def first_step(self) -> tuple[float, float]:
+        """The memory the first step left held (MB), and its seconds beyond the median of the steps after it."""
+        seconds = self.seconds()
+        return self.ends[0][1] - self.begins[0][1], max(0.0, float(seconds[0] - np.median(seconds[1:])))
+
 
 def _rss_mb() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / MB
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _held_mb() -> float:
+    """Memory the C allocator has handed out and not had back (glibc's mallinfo2, all arenas: heap blocks in use plus
+    mmapped blocks); RSS where that is not available. Unlike RSS it grows when an allocation reuses freed memory."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (AttributeError, OSError, TypeError):
+        return _rss_mb()
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return (info.uordblks + info.hblkhd) / MB
 
 
 def _reset_peak() -> bool:
@@ -237,13 +266,14 @@ def calibrate(method: Method, params: Params, hooks: TrainHooks, tokenizer, labe
             called = time.perf_counter()
             trainer.train()
             setup_s = setup_s or clock.begins[0][0] - called
-            seconds = np.array([end[0] for end in clock.ends]) - np.array([begin[0] for begin in clock.begins])
+            seconds = clock.seconds()
             timings[length] = [round(value, 4) for value in seconds.tolist()]
             points.append((float(length), float(np.median(seconds[1:]))))  # the median: other processes share the cores
             if points[1:]:
-                # a padded length met for the first time costs memory (kernels and weight layouts cached for that
-                # shape) and time; the longest length's first step also holds the optimizer's first allocation
-                new_shape = (clock.ends[0][1] - clock.begins[0][1], max(0.0, float(seconds[0] - np.median(seconds[1:]))))
+                # a padded length met for the first time keeps memory held for that shape (measured on MiniLM, bf16
+                # CPU: 3-11 MB a shape, none for a length met before); the longest length's first step also holds
+                # the optimizer's first allocation, so the second length's first step is the one measured
+                new_shape = clock.first_step()
         started = time.perf_counter()
         trainer.evaluate()
         eval_s = time.perf_counter() - started
@@ -327,13 +357,15 @@ def estimate(name: str, calibration: Calibration, params: Params, step_lengths: 
     cfg = params.train
     per_step = step_seconds(calibration)
     unseen = max(0, shape_count - len(calibration.points) - 1)  # calibration met its lengths and one evaluation shape
+    # the batch shapes the calibration did not meet add memory, not time: in one training run a new padded length
+    # costs ≤ 0.03 s more than a seen one; calibration.new_shape_s is one step's wall time (the first of a train()
+    # call) minus a median, which on shared cores reached 12 s, and times the ~40 shapes of an epoch would swamp it
     steps_s = sum(per_step(length) for length in step_lengths)
     evaluation_s = calibration.eval_s_per_row * validation_rows
     cadence = cfg.save_steps * steps_s / len(step_lengths) if cfg.save_steps else cfg.save_every_s
     saves = 1 + math.floor(steps_s / cadence)  # the end-of-epoch save, and the cadence's saves within the epoch
     epoch_s = steps_s + evaluation_s + saves * calibration.save_s
-    # the shapes are new in the first epoch only
-    train_s = calibration.setup_s + cfg.epochs * epoch_s + unseen * calibration.new_shape_s
+    train_s = calibration.setup_s + cfg.epochs * epoch_s
     gpu = calibration.gpu_peak_mb is not None
     peak = calibration.gpu_peak_mb if gpu else baseline_mb + calibration.peak_added_mb + data_mb + unseen * calibration.new_shape_mb
     return Estimate(
