@@ -28,6 +28,7 @@ The training functions come in as `TrainHooks` (the driver passes tasks/train.py
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import math
 import os
@@ -190,14 +191,23 @@ class _MallInfo2(ctypes.Structure):
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def _held_mb() -> float:
-    """Memory the C allocator has handed out and not had back (glibc's mallinfo2, all arenas: heap blocks in use plus
-    mmapped blocks); RSS where that is not available. Unlike RSS it grows when an allocation reuses freed memory."""
+@functools.cache
+def _mallinfo2():
+    """glibc's mallinfo2, looked up once; None where the C library has none."""
     try:
         mallinfo2 = ctypes.CDLL(None).mallinfo2
     except (AttributeError, OSError, TypeError):
-        return _rss_mb()
+        return None
     mallinfo2.restype = _MallInfo2
+    return mallinfo2
+
+
+def _held_mb() -> float:
+    """Memory the C allocator has handed out and not had back (glibc's mallinfo2, all arenas: heap blocks in use plus
+    mmapped blocks); RSS where that is not available. Unlike RSS it grows when an allocation reuses freed memory."""
+    mallinfo2 = _mallinfo2()
+    if mallinfo2 is None:
+        return _rss_mb()
     info = mallinfo2()
     return (info.uordblks + info.hblkhd) / MB
 
