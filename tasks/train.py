@@ -157,7 +157,7 @@ def train(gated_data: Path, gate_report: Path, ingest_card: Path, model_cfg: Mod
 
     from tuneflow import distributed
     from tuneflow.trained import texts_hash, write_logits
-    from tuneflow.training import class_weighting
+    from tuneflow.training import class_weighting, majority_macro_f1
 
     require_gate_passed(gate_report, gated_data, ingest_card)
     if cfg.distributed != "none" and not distributed.launched():
@@ -180,31 +180,34 @@ def train(gated_data: Path, gate_report: Path, ingest_card: Path, model_cfg: Mod
         callbacks = [*callbacks, epoch_draw(train_set)]
     world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / (cfg.batch_size * world)) / cfg.gradient_accumulation_steps)
-    total_steps = math.ceil(steps_per_epoch * cfg.epochs)
     bf16 = use_bf16(cfg.bf16)
     weighting = class_weighting(cfg.class_weights, [row["labels"] for row in train_set], cfg.class_weights_auto_ratio)
     if cfg.class_weights == "auto":
         progress.say(f"[tuneflow] train.class_weights auto: {weighting['reason']}")
+    majority = majority_macro_f1([row["labels"] for row in validation_set])
+    stuck_at_or_below = majority + cfg.collapse_margin
 
-    def attempt(attempt_cfg: TrainConfig, guard: bool) -> Attempt:
-        return fit(method, model_cfg, attempt_cfg, tokenizer, train_set, validation_set, labels, max_length, total_steps,
-                   bf16, card["data_hash"], work_dir, callbacks, guard)
+    def attempt(attempt_cfg: TrainConfig) -> Attempt:
+        set_seed(attempt_cfg.seed, deterministic=attempt_cfg.deterministic)
+        return fit(method, model_cfg, attempt_cfg, tokenizer, train_set, validation_set, labels, max_length,
+                   math.ceil(steps_per_epoch * attempt_cfg.epochs), bf16, card["data_hash"], work_dir, callbacks,
+                   stuck_at_or_below)
 
-    # collapse (one class predicted for every validation text): once more from the base weights at a lower learning rate
-    # (a run killed during the restart re-runs its first attempt, which collapses where it did, then the restart)
-    restart_cfg = cfg.model_copy(update={"learning_rate": cfg.learning_rate / cfg.collapse_restart_lr_divisor})
-    current, first = attempt(cfg, guard=cfg.collapse_restart), None
-    if cfg.collapse_restart and current.record(len(labels))["collapsed"]:
-        first = current.record(len(labels))
-        progress.say(f"[tuneflow] train: collapse: validation predicted one class for every text at epoch "
-                     f"{first['validation'][-1]['epoch']:g} (macro-F1 {first['validation'][-1]['macro_f1']:.4f}) with "
-                     f"learning rate {cfg.learning_rate:.3g}; restarting once from the base weights at learning rate "
+    # learned no more than the majority answer (a collapse, or the plateau next to one): once more from the base weights
+    # with another seed and an epoch more (a run killed during the restart re-runs its first attempt, then the restart)
+    current, first = attempt(cfg), None
+    if cfg.collapse_restart and current.record["stuck"]:
+        first = current.record
+        restart_cfg = cfg.model_copy(update={"seed": cfg.seed + 1, "epochs": cfg.epochs + cfg.collapse_restart_extra_epochs,
+                                             "learning_rate": cfg.learning_rate * cfg.collapse_restart_lr_factor})
+        progress.say(f"[tuneflow] train: collapse: kept validation macro-F1 {first['kept_macro_f1']:.4f} is within "
+                     f"{cfg.collapse_margin:g} of the majority-class answer's {majority:.4f}; restarting once from the base "
+                     f"weights with seed {restart_cfg.seed}, {restart_cfg.epochs:g} epochs, learning rate "
                      f"{restart_cfg.learning_rate:.3g}")
         del current
-        set_seed(cfg.seed, deterministic=cfg.deterministic)  # the restart starts where the first attempt started
-        current = attempt(restart_cfg, guard=False)
+        current = attempt(restart_cfg)
     trainer, key, run_dir, resumed, train_seconds = current.trainer, current.key, current.run_dir, current.resumed, current.seconds
-    attempts = [*([first] if first else []), current.record(len(labels))]
+    attempts = [*([first] if first else []), current.record]
     final = run_dir / "final"
     if method.save is None:
         trainer.save_model(str(final))  # on every rank: ZeRO-3 gathers the shards here
@@ -221,18 +224,17 @@ def train(gated_data: Path, gate_report: Path, ingest_card: Path, model_cfg: Mod
         "train_time_s": round(sum(record["train_time_s"] for record in attempts), 2),
         "train_samples_per_s": round(len(train_set) * (trainer.state.epoch - resumed["epoch"]) / train_seconds, 2),
         "learning_rate": current.cfg.learning_rate, "class_weights": weighting, "attempts": attempts,
-        "collapse_restart": {"enabled": cfg.collapse_restart, "fired": first is not None,
-                             "lr_divisor": cfg.collapse_restart_lr_divisor, "first_learning_rate": cfg.learning_rate,
-                             "learning_rate": current.cfg.learning_rate},
-        "planned_optimizer_steps": total_steps, "bf16": bf16, "world_size": world,
+        "collapse_restart": {"enabled": cfg.collapse_restart, "fired": first is not None, "margin": cfg.collapse_margin,
+                             "majority_macro_f1": majority, "stuck_at_or_below": stuck_at_or_below},
+        "planned_optimizer_steps": current.total_steps, "bf16": bf16, "world_size": world,
         "train_rows": len(train_set), "validation_rows": len(validation_texts), "validation_windows": len(validation_set),
         "long_text": long_text.record(),
         "served_validation_macro_f1": served_macro_f1(validation_logits, splits["validation"], label_ids),
         "validation_logits": {"file": artifacts.VALIDATION_LOGITS, "shape": list(validation_logits.shape),
                               "texts_sha256": texts_hash(validation_texts)}}
-    if first is not None and summary["diagnostics"]["collapsed"]:
-        summary["diagnostics"]["warnings"].append(f"the collapse restart at learning rate {current.cfg.learning_rate:.3g} "
-                                                  "collapsed too (it runs once)")
+    if first is not None and current.record["stuck"]:
+        summary["diagnostics"]["warnings"].append(f"the collapse restart (seed {current.cfg.seed}, {current.cfg.epochs:g} "
+                                                  "epochs) learned no more than the majority answer either (it runs once)")
     for warning in summary["diagnostics"]["warnings"]:
         progress.say(f"[tuneflow] warning: {warning}")
     from tuneflow.training import plot_curves, write_curves
@@ -252,39 +254,39 @@ def train(gated_data: Path, gate_report: Path, ingest_card: Path, model_cfg: Mod
 
 @dataclass
 class Attempt:
-    """One training run of train(): the Trainer after it, its config, checkpoint key and folder, and its time."""
+    """One training run of train(): the Trainer after it, its config, planned steps, checkpoint key and folder, its time
+    and its record (train_summary.json's `attempts` entry)."""
 
     trainer: Any
     cfg: TrainConfig
+    total_steps: int
     key: str
     run_dir: Path
     resumed: dict[str, Any]
     seconds: float
-
-    def record(self, classes: int) -> dict[str, Any]:
-        from tuneflow.training import attempt_record
-
-        return attempt_record(self.trainer.state.log_history, self.cfg.learning_rate, self.seconds, classes)
+    record: dict[str, Any]
 
 
 def fit(method: Method, model_cfg: ModelConfig, cfg: TrainConfig, tokenizer, train_set, validation_set, labels: list[str],
         max_length: int, total_steps: int, bf16: bool, data_hash: str, work_dir: Path, callbacks: Sequence[Any],
-        guard: bool) -> Attempt:
-    """Build the model from the base weights and train it (resuming this config's checkpoint if there is one).
-    `guard`: stop at the first validation evaluation that predicts a single class (the collapse diagnosis)."""
-    from tuneflow.training import CollapseGuard
+        stuck_at_or_below: float) -> Attempt:
+    """Build the model from the base weights and train it (resuming this config's checkpoint if there is one)."""
+    from tuneflow.training import attempt_record
 
     model = build_model(method, model_cfg, cfg, labels, RunInfo(total_steps, bf16), max_length)
     key = run_key(model_cfg, cfg, data_hash)
     run_dir, resume = checkpoint_to_resume(work_dir / artifacts.CHECKPOINTS, key, method)
     trainer = build_trainer(model, method, cfg, tokenizer, train_set, validation_set, labels, run_dir, total_steps, bf16,
-                            [*callbacks, *([CollapseGuard(len(labels))] if guard else [])])
+                            callbacks)
     resumed = read_json(resume / "trainer_state.json") if resume else {"global_step": None, "epoch": 0}
     if resume is not None:
         progress.say(f"[tuneflow] resuming from checkpoint {resume} (step {resumed['global_step']} of {total_steps})")
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    return Attempt(trainer, cfg, key, run_dir, resumed, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    record = attempt_record(trainer.state.log_history, cfg.learning_rate, cfg.seed, cfg.epochs, seconds, len(labels),
+                            method.reload_checkpoints, stuck_at_or_below)
+    return Attempt(trainer, cfg, total_steps, key, run_dir, resumed, seconds, record)
 
 
 def trained_logits(trainer, tokenizer, texts: list[str], long_text: LongText, batch_size: int) -> np.ndarray:
@@ -493,12 +495,15 @@ def restart_rows(summary: dict[str, Any]) -> list[str]:
         rows.append(f"| class weights | {weighting['applied']}" + (f" (auto: {weighting['reason']})" if "reason" in weighting else "") + " |")
     restart = summary.get("collapse_restart")
     if restart and restart["fired"]:
-        first = summary["attempts"][0]["validation"][-1]
-        rows.append(f"| collapse restart | fired: one class predicted for every validation text at epoch {first['epoch']:g} "
-                    f"(macro-F1 {first['macro_f1']:.4f}) at learning rate {restart['first_learning_rate']:.3g}; retrained once "
-                    f"from the base weights at {restart['learning_rate']:.3g} |")
+        first, kept = summary["attempts"][0], summary["attempts"][-1]
+        rows.append(f"| collapse restart | fired: kept validation macro-F1 {first['kept_macro_f1']:.4f} ≤ "
+                    f"{restart['stuck_at_or_below']:.4f} (majority-class answer {restart['majority_macro_f1']:.4f} + "
+                    f"{restart['margin']:g}) with seed {first['seed']}, {first['epochs']:g} epochs; retrained once from the "
+                    f"base weights with seed {kept['seed']}, {kept['epochs']:g} epochs, learning rate {kept['learning_rate']:.3g} "
+                    f"→ {kept['kept_macro_f1']:.4f} |")
     elif restart:
-        rows.append(f"| collapse restart | {'not needed' if restart['enabled'] else 'off'} (learning rate {restart['learning_rate']:.3g}) |")
+        rows.append(f"| collapse restart | {'not needed' if restart['enabled'] else 'off'} (kept validation macro-F1 "
+                    f"{summary['attempts'][-1]['kept_macro_f1']:.4f}; stuck at or below {restart['stuck_at_or_below']:.4f}) |")
     return rows
 
 

@@ -108,10 +108,13 @@ class TrainConfig(Section):
     # auto: balanced (weighted cross-entropy) when the train split's largest/smallest class ratio is ≥ class_weights_auto_ratio
     class_weights: Literal["none", "balanced", "auto"] = "auto"
     class_weights_auto_ratio: float = Field(default=3.0, ge=1)
-    # when a validation evaluation predicts one class for every text (the collapse diagnosis), train once more from the
-    # base weights at learning_rate / collapse_restart_lr_divisor
+    # when the kept validation macro-F1 is within collapse_margin of answering the majority class for every text (a
+    # collapse, or a plateau next to one), train once more from the base weights: seed + 1, collapse_restart_extra_epochs
+    # more epochs, learning_rate * collapse_restart_lr_factor
     collapse_restart: bool = True
-    collapse_restart_lr_divisor: float = Field(default=3.0, gt=1)
+    collapse_margin: float = Field(default=0.1, ge=0, lt=1)
+    collapse_restart_extra_epochs: int = Field(default=1, ge=0)
+    collapse_restart_lr_factor: float = Field(default=1.0, gt=0)
     layerwise_lr_decay: float = Field(default=1.0, gt=0, le=1)  # 1.0 = off; 0.9 = each layer down gets 0.9x the lr
     gradual_unfreezing: bool = False  # full/partial: unfreeze encoder layers top-down, a group per epoch
     unfreeze_layers: int = Field(default=2, ge=0)  # partial: top encoder layers trained with the head

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -156,33 +156,25 @@ def class_weighting(setting: str, label_ids: list[int], auto_ratio: float) -> di
     return record
 
 
-def collapsed_evaluation(metrics: dict[str, Any], classes: int) -> bool:
-    """One evaluation answered a single class for every validation text: what `diagnose` calls collapse."""
-    return classes > 1 and metrics.get("eval_predicted_classes") == 1
+def majority_macro_f1(labels: Sequence[int]) -> float:
+    """Macro-F1 (as the Trainer's evaluation computes it) of answering the most common class for every text: what a
+    model that learned nothing scores. Any one-class answer scores at most this."""
+    from sklearn.metrics import f1_score
+
+    labels = np.asarray(labels)
+    return float(f1_score(labels, np.full(len(labels), np.bincount(labels).argmax()), average="macro"))
 
 
-class CollapseGuard(TrainerCallback):
-    """Stop the attempt at the first validation evaluation that predicts one class for every text (the collapse
-    diagnosis would fire on it), so the restart at a lower learning rate does not wait for the remaining epochs.
-    Reads the validation metrics only (compute_metrics' `predicted_classes`)."""
-
-    def __init__(self, classes: int):
-        self.classes = classes
-        self.fired_at_epoch: float | None = None
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if self.fired_at_epoch is None and collapsed_evaluation(metrics or {}, self.classes):
-            self.fired_at_epoch = state.epoch
-            control.should_training_stop = True
-        return control
-
-
-def attempt_record(history: list[dict[str, Any]], learning_rate: float, seconds: float, classes: int) -> dict[str, Any]:
-    """One training attempt, as train_summary.json's `attempts` lists it: its learning rate, time, and each
-    validation evaluation (epoch, macro-F1, accuracy, classes predicted)."""
+def attempt_record(history: list[dict[str, Any]], learning_rate: float, seed: int, epochs: float, seconds: float,
+                   classes: int, keeps_best: bool, stuck_at_or_below: float) -> dict[str, Any]:
+    """One training attempt, as train_summary.json's `attempts` lists it: its learning rate, seed, epochs and time, each
+    validation evaluation (epoch, macro-F1, accuracy, classes predicted), the macro-F1 of the epoch it keeps, and
+    `stuck`: that macro-F1 is at or below `stuck_at_or_below` (the majority answer's plus the collapse margin)."""
     evals = [{"epoch": entry["epoch"], "macro_f1": entry["eval_macro_f1"], "accuracy": entry["eval_accuracy"],
               "predicted_classes": entry.get("eval_predicted_classes")} for entry in history if "eval_macro_f1" in entry]
-    return {"learning_rate": learning_rate, "train_time_s": round(seconds, 2), "validation": evals,
+    kept = max(e["macro_f1"] for e in evals) if keeps_best else evals[-1]["macro_f1"]
+    return {"learning_rate": learning_rate, "seed": seed, "epochs": epochs, "train_time_s": round(seconds, 2),
+            "validation": evals, "kept_macro_f1": kept, "stuck": kept <= stuck_at_or_below,
             "collapsed": diagnose(history, classes)["collapsed"]}
 
 
