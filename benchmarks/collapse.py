@@ -128,14 +128,15 @@ def table(work: Path) -> str:
     order = list(all_runs())
     results.sort(key=lambda row: order.index(row["name"]) if row["name"] in order else len(order))
     shipped = load_params(REPO / "params.yaml").train
+    has_before = any(row["name"].endswith("/before") for row in results)
     lines = [
         "",
-        f"## Collapse on imbalanced data: train defaults before and after issue 13 — "
+        f"## Collapse on imbalanced data: the train defaults{' before and after issue 13' if has_before else ''} — "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
         f"`nice -n 10 python benchmarks/collapse.py`; builtin MiniLM-L6, LoRA, params.yaml's model and train sections "
         f"(max_length 128, batch {shipped.batch_size}, {shipped.epochs:g} epochs, fp32 on this CPU) with: "
-        f"**before** = lr 1e-3, class_weights none, no restart; **shipped** = lr {shipped.learning_rate:g}, class_weights "
+        f"{'**before** = lr 1e-3, class_weights none, no restart; ' if has_before else ''}**shipped** = lr {shipped.learning_rate:g}, class_weights "
         f"{shipped.class_weights} (≥ {shipped.class_weights_auto_ratio:g}:1), collapse restart "
         f"{restart_text(shipped)}. "
         f"MR: data.sample {MAJORITY + MINORITY} of mr.csv (balanced); MR 7:1: {MAJORITY} positive + {MINORITY} negative "
