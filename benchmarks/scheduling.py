@@ -90,24 +90,32 @@ def scheduled_lags(folder: Path, env: dict[str, str], runs: int) -> list[tuple[f
              run.state.name) for run in finished]
 
 
+def wait_until(condition, what: str, timeout_s: float = 900, poll_s: float = 2) -> None:
+    """Poll `condition`; a run that failed never registers its version, so the benchmark stops instead of waiting forever."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not reached within {timeout_s:.0f} s: {what}")
+        time.sleep(poll_s)
+
+
 def data_change_to_challenger(folder: Path, env: dict[str, str]) -> tuple[float, float]:
     """(seconds from deploy to v1, seconds from the edit to v2)."""
     serving = subprocess.Popen([str(BIN / "tuneflow"), "deploy", "--pipeline", "quick-watch"], cwd=folder, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         started = time.monotonic()
-        while versions(env, "bench-watch") < 1:
-            time.sleep(2)
+        wait_until(lambda: versions(env, "bench-watch") >= 1, "v1 of bench-watch registered")
         first = time.monotonic() - started
-        while any(not (run.state and run.state.is_final()) for run in flow_runs(env, "quick-watch-on-data-change")):
-            time.sleep(2)  # the check that registered v1 has ended, so the next one sees the edit
+        # the check that registered v1 has ended, so the next one sees the edit
+        wait_until(lambda: all(run.state and run.state.is_final() for run in flow_runs(env, "quick-watch-on-data-change")),
+                   "the first quick-watch-on-data-change run ended")
         csv = folder / "bbc.csv"
         lines = csv.read_text(encoding="utf-8").splitlines(keepends=True)
         lines[1] = lines[1].replace(",", " (updated),", 1)
         csv.write_text("".join(lines), encoding="utf-8")
         edited = time.monotonic()
-        while versions(env, "bench-watch") < 2:
-            time.sleep(1)
+        wait_until(lambda: versions(env, "bench-watch") >= 2, "v2 of bench-watch registered", poll_s=1)
         return first, time.monotonic() - edited
     finally:
         serving.terminate()

@@ -141,7 +141,7 @@ def run_pipeline(params, run_name: str) -> int:
 
 
 def deploy(args: argparse.Namespace) -> int:
-    from flows.retrain import build_deployments
+    from flows.retrain import build_deployments, crash_runs_without_heartbeats
 
     deployments = build_deployments(args.pipelines_file, args.params, args.pipelines)
     for deployment in deployments:
@@ -152,6 +152,9 @@ def deploy(args: argparse.Namespace) -> int:
     from prefect import serve
 
     api = prefect_server()
+    # the served runs (child processes) beat this often; a run that stops, its process killed, is marked Crashed
+    heartbeat_s = int(os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30"))
+    crash_runs_without_heartbeats(heartbeat_s)
     progress.say(f"[tuneflow] serving {len(deployments)} deployment(s) on {api}; Ctrl-C stops")
     serve(*deployments)
     return EXIT_OK

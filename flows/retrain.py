@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import logging
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, tags, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.automations import Automation
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy, StateType
+from prefect.events.actions import ChangeFlowRunState
+from prefect.events.schemas.automations import EventTrigger, Posture
+from prefect.events.schemas.events import ResourceSpecification
 from prefect.runtime import flow_run, task_run
 from prefect.schedules import Cron
 from prefect.states import Failed
@@ -179,7 +184,8 @@ def scheduled_retrain(pipeline: str, params_file: str = "params.yaml", pipelines
         name, params = pipeline_params(pipeline, params_file, pipelines_file, ("deployment parameter overrides", overrides or {}))
     except TuneflowError as error:
         return Failed(message=str(error), data=error)
-    return retrain(params=params, run_name=name, return_state=True)
+    with tags(*flow_run.tags):  # the pipeline's subflow carries the deployment's tag too: the zombie automation matches it
+        return retrain(params=params, run_name=name, return_state=True)
 
 
 @flow(name="tuneflow-on-data-change", log_prints=True)
@@ -197,12 +203,50 @@ def retrain_on_data_change(pipeline: str, params_file: str = "params.yaml", pipe
         progress.say(f"[tuneflow] {name}: {params.data.source} unchanged (sha256 {fingerprint[:12]}); nothing to retrain")
         return "unchanged"
     progress.say(f"[tuneflow] {name}: {params.data.source} changed (sha256 {str(fingerprint)[:12]}, was {str(last)[:12]}); retraining")
-    state = retrain(params=params, run_name=name, return_state=True)
+    with tags(*flow_run.tags):
+        state = retrain(params=params, run_name=name, return_state=True)
     if not state.is_completed():
         return state
     if fingerprint is not None:
         Variable.set(variable, fingerprint, overwrite=True)
     return "retrained"
+
+
+DEPLOYED_TAG = "tuneflow"  # every run of a `tuneflow deploy` deployment, and its pipeline subflow, carries it
+ZOMBIE_AUTOMATION = "tuneflow: crash deployed runs that stopped sending heartbeats"
+MISSED_HEARTBEATS = 3
+
+
+def crash_runs_without_heartbeats(heartbeat_s: int) -> Automation:
+    """Prefect's zombie detection (docs.prefect.io/v3/advanced/detect-zombie-flows), created or updated on the server:
+    a deployed run whose process died (a killed `tuneflow deploy`, a lost machine) stops sending heartbeats and is marked
+    Crashed after MISSED_HEARTBEATS beats. Leaving Running frees the deployment's concurrency slot for the next run at
+    once; without it the dead run shows Running forever and its slot's lease holds the next run for up to 5 minutes.
+    `tuneflow run` runs (no deployment tag) are left alone: their heartbeats may be slower than the window."""
+    automation = Automation(
+        name=ZOMBIE_AUTOMATION,
+        description=f"A tuneflow deployed flow run with no heartbeat for {MISSED_HEARTBEATS} x {heartbeat_s} s is marked Crashed.",
+        trigger=EventTrigger(
+            # Running (the server's own event) starts the window too: a run killed before its first heartbeat reached
+            # the server is caught as well
+            after={"prefect.flow-run.Running", "prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            match_related=ResourceSpecification({"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{DEPLOYED_TAG}"}),
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+            within=timedelta(seconds=MISSED_HEARTBEATS * heartbeat_s)),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"No heartbeat for {MISSED_HEARTBEATS * heartbeat_s} s: its process died")])
+    try:
+        existing = Automation.read(name=ZOMBIE_AUTOMATION)
+    except ValueError:  # not on this server yet
+        return automation.create()
+    if existing.trigger.within == automation.trigger.within:
+        return existing  # left as it is: updating an automation drops the windows it has open (a killed run's among them)
+    automation.id = existing.id
+    automation.update()
+    return automation
 
 
 def build_deployments(pipelines_file: str, params_file: str, names: list[str] | None = None) -> list:
@@ -222,12 +266,12 @@ def build_deployments(pipelines_file: str, params_file: str, names: list[str] | 
             deployments.append(scheduled_retrain.to_deployment(
                 name=name, schedules=[Cron(pipeline.schedule, timezone=pipeline.timezone)] if pipeline.schedule else [],
                 concurrency_limit=one_at_a_time, description=pipeline.description,
-                parameters={"pipeline": name, **files}, tags=["tuneflow"]))
+                parameters={"pipeline": name, **files}, tags=[DEPLOYED_TAG]))
         if pipeline.watch:
             deployments.append(retrain_on_data_change.to_deployment(
                 name=f"{name}-on-data-change", schedules=[Cron(pipeline.watch, timezone=pipeline.timezone)],
                 concurrency_limit=one_at_a_time, description=f"{pipeline.description} Retrains when data.source changes.",
-                parameters={"pipeline": name, **files}, tags=["tuneflow"]))
+                parameters={"pipeline": name, **files}, tags=[DEPLOYED_TAG]))
     return deployments
 
 

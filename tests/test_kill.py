@@ -99,13 +99,13 @@ def registry_state(database: Path, what: str) -> list | None:
         return None
 
 
-class Run:
-    """`tuneflow run` in its own process group, its output read as it comes."""
+class Tuneflow:
+    """A `tuneflow` command in its own process group (with the processes it starts), its output read as it comes."""
 
-    def __init__(self, folder: Path, env: dict[str, str], *sets: str):
+    def __init__(self, folder: Path, env: dict[str, str], args: list[str]):
         self.lines: list[str] = []
-        self.process = subprocess.Popen([str(TUNEFLOW), "run", *(arg for pair in sets for arg in ("--set", pair))], cwd=folder,
-                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.process = subprocess.Popen([str(TUNEFLOW), *args], cwd=folder, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
         self.reader.start()
 
@@ -138,6 +138,13 @@ class Run:
     @property
     def output(self) -> str:
         return "".join(self.lines)
+
+
+class Run(Tuneflow):
+    """`tuneflow run --set …`."""
+
+    def __init__(self, folder: Path, env: dict[str, str], *sets: str):
+        super().__init__(folder, env, ["run", *(arg for pair in sets for arg in ("--set", pair))])
 
 
 def stage_folders(root: Path) -> dict[str, str | None]:
