@@ -172,6 +172,48 @@ def test_a_deployment_triggered_on_a_real_server_runs_every_stage_with_its_artif
     assert summary["epochs_run"] == 1  # the trigger-time override, not params.yaml's 2 epochs
 
 
+@pytest.mark.slow
+def test_a_per_minute_cron_fires_on_a_real_server(tiny_model, tmp_path):
+    """Nothing triggered by hand: the server's scheduler creates the run from the pipeline's cron and `tuneflow deploy`
+    runs it to Completed. (With SQLAlchemy 2.1 Prefect 3.8.8's scheduler fails every loop and no run is ever created,
+    hence the pin in pyproject.toml.)"""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    folder = tmp_path
+    topic_frame(20).to_csv(folder / "topics.csv", index=False)
+    write_params(folder, data={"source": "topics.csv"}, model={"base": str(tiny_model), "max_length": 32},
+                 train={"method": "full", "epochs": 1, "batch_size": 8, "learning_rate": 5e-3, "collapse_restart": False},
+                 evaluate={"latency_warmup": 2, "min_accuracy": 0.0, "min_macro_f1": 0.0, "pytorch_reference": False,
+                           "throughput_texts": 32},
+                 promote={"model_name": "cron-tiny"})
+    (folder / "pipelines.yaml").write_text('pipelines:\n  tiny:\n    description: tiny topics\n    schedule: "* * * * *"\n')
+    server, server_env = start_prefect_server(folder / ".prefect", services=True)  # the scheduler is a service
+    env = {**server_env, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
+    serving = subprocess.Popen([str(TUNEFLOW), "deploy", "--pipeline", "tiny"], cwd=folder, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    fired = []
+    try:
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline and not fired:
+                assert serving.poll() is None, serving.stderr.read()[-3000:]
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["tiny"])))
+                fired = [run for run in runs if run.auto_scheduled and run.state and run.state.is_final()]
+                time.sleep(2)
+    finally:
+        serving.terminate()
+        serving.wait(60)
+        server.terminate()
+        server.wait(30)
+    assert fired, "the per-minute cron created no run that ended within 600 s"
+    assert fired[0].state.is_completed(), fired[0].state
+    assert fired[0].expected_start_time.second == 0  # a cron slot, not a trigger
+    versions = Registry(env["MLFLOW_TRACKING_URI"]).client.search_model_versions("name='cron-tiny'")
+    assert len(versions) == 1
+
+
 def test_the_prefect_yaml_variants_name_real_flows_parameters_and_pipelines():
     """deploy/prefect.yaml (process, Docker and Kubernetes work pools): parsed, not run — those platforms are not here."""
     import importlib
