@@ -70,12 +70,9 @@ def versions(env: dict[str, str], model_name: str) -> int:
 
 
 def scheduled_lags(folder: Path, env: dict[str, str], runs: int) -> list[tuple[float, float, str]]:
-    # trained by hand first: the scheduled runs are then cached (well under a minute), so none waits for the one
+    # trained once by hand first: the scheduled runs are then cached (well under a minute), so none waits for the one
     # before it under the deployment's concurrency limit and the lag is the scheduler's alone
-    # twice: the second run's gate re-evaluates against the champion the first promoted; after it, nothing changes
-    for _ in range(2):
-        subprocess.run([str(BIN / "tuneflow"), "run", "--pipeline", "quick-cron"], cwd=folder, env=env, check=True,
-                       capture_output=True)
+    subprocess.run([str(BIN / "tuneflow"), "run", "--pipeline", "quick-cron"], cwd=folder, env=env, check=True, capture_output=True)
     serving = subprocess.Popen([str(BIN / "tuneflow"), "deploy", "--pipeline", "quick-cron"], cwd=folder, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
