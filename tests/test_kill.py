@@ -169,17 +169,22 @@ def last_stage_started(output: str) -> str | None:
     return started[-1] if started else None
 
 
-@pytest.mark.slow
-def test_tuneflow_run_killed_anywhere_leaves_whole_artifacts_and_no_half_promotion(tiny_model, tmp_path, prefect_server):
-    folder = tmp_path
-    copy_repo_files(folder, "pipelines.yaml")
+def tiny_project(folder: Path, tiny_model: Path, model_name: str) -> None:
+    """topics.csv and a params.yaml that trains the tiny BERT for one epoch, checkpoints every second and lets every
+    candidate through the gate (a margin of 1 in the champion comparison, so killed runs move @champion too)."""
     topic_frame(20).to_csv(folder / "topics.csv", index=False)
-    # a margin of 1 lets every candidate through the champion comparison, so killed runs move @champion too
     write_params(folder, data={"source": "topics.csv"}, model={"base": str(tiny_model), "max_length": 32},
                  train={"method": "full", "epochs": 1, "batch_size": 8, "learning_rate": 5e-3, "save_every_s": 1},
                  evaluate={"latency_warmup": 2, "min_accuracy": 0.0, "min_macro_f1": 0.0, "pytorch_reference": False,
                            "throughput_texts": 32, "non_inferiority_margin": 1.0},
-                 promote={"model_name": MODEL_NAME})
+                 promote={"model_name": model_name})
+
+
+@pytest.mark.slow
+def test_tuneflow_run_killed_anywhere_leaves_whole_artifacts_and_no_half_promotion(tiny_model, tmp_path, prefect_server):
+    folder = tmp_path
+    copy_repo_files(folder, "pipelines.yaml")
+    tiny_project(folder, tiny_model, MODEL_NAME)
     database = folder / "mlflow.db"
     env = {**prefect_server, "MLFLOW_TRACKING_URI": f"sqlite:///{database}"}
     root = folder / "artifacts"

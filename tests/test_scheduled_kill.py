@@ -11,8 +11,8 @@ from typing import Callable
 
 import pytest
 
-from conftest import start_prefect_server, topic_frame, write_params
-from test_kill import Tuneflow, check_whole
+from conftest import start_prefect_server
+from test_kill import Tuneflow, check_whole, tiny_project
 from tuneflow import artifacts as a
 from tuneflow.registry import CHAMPION, LOCK_SUFFIX, PROMOTION_TAG, Registry
 
@@ -43,12 +43,7 @@ def test_a_deployed_run_killed_mid_training_neither_blocks_nor_corrupts_the_next
     from flows.retrain import ZOMBIE_AUTOMATION
 
     folder = tmp_path
-    topic_frame(20).to_csv(folder / "topics.csv", index=False)
-    write_params(folder, data={"source": "topics.csv"}, model={"base": str(tiny_model), "max_length": 32},
-                 train={"method": "full", "epochs": 1, "batch_size": 8, "learning_rate": 5e-3, "save_every_s": 1},
-                 evaluate={"latency_warmup": 2, "min_accuracy": 0.0, "min_macro_f1": 0.0, "pytorch_reference": False,
-                           "throughput_texts": 32, "non_inferiority_margin": 1.0},
-                 promote={"model_name": MODEL_NAME})
+    tiny_project(folder, tiny_model, MODEL_NAME)
     (folder / "pipelines.yaml").write_text("pipelines:\n  tiny:\n    description: tiny topics\n")
     # with its services: the scheduler, the lease repossessor and the automations (triggers, actions) run
     server, server_env = start_prefect_server(folder / ".prefect", services=True)
