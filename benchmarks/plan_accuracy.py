@@ -68,9 +68,11 @@ def main() -> None:
             plan = json.loads((scratch / "artifacts" / "plan" / "plan.json").read_text())
             estimate = plan["estimates"][0]
             print(planned.stdout)
-            # the real run right after its calibration, at the learning rate `tuneflow compare` uses
+            # the real run right after its calibration, at the learning rate `tuneflow compare` uses; one attempt, as
+            # planned (a collapse restart would add a second training of epochs + 1 to the time of this one)
             tuneflow("train", *common, "--set", f"train.method={method}", "--set",
-                     f"train.learning_rate={METHODS[method].suggested_lr}", cwd=scratch)
+                     f"train.learning_rate={METHODS[method].suggested_lr}", "--set", "train.collapse_restart=false",
+                     cwd=scratch)
             summary = json.loads((scratch / "artifacts" / "model" / "train_summary.json").read_text())
             rows.append({"method": method, "estimate": estimate, "plan": plan, "summary": summary,
                          "measured_epoch_s": summary["train_time_s"] / summary["epochs_run"]})
@@ -89,7 +91,8 @@ def main() -> None:
              f"{first['plan']['settings']['base']}, batch {first['plan']['settings']['batch_size']}, "
              f"bf16 {first['plan']['settings']['bf16']}, max_length {first['summary']['max_length']}; {machine['device']}, "
              f"{platform.machine()}. Per method: `tuneflow plan --methods <m>` ({first['plan']['settings']['calibration_steps']} "
-             "timed steps at each of two padded lengths), then at once `tuneflow train` with that method in its own process. "
+             "timed steps at each of two padded lengths), then at once `tuneflow train` with that method in its own process "
+             "(one attempt: the collapse restart off). "
              f"Load average before / after: {load_before[0]:.1f} / {load_after[0]:.1f} (the cores are shared with other jobs). "
              f"{wall / 60:.0f} minutes in all.", "",
              "| method | time/epoch est. (s) | measured (s) | ratio | peak memory est. (MB) | measured (MB) | ratio | "

@@ -161,8 +161,9 @@ def run_study(params: Params, on_trial: Callable[[str], None] | None = None) -> 
         # a retry trains in the first attempt's folder, so train resumes from its last checkpoint
         layout = linked_layout(root, shared, f"trial-{trial.number if first_attempt is None else first_attempt:03d}")
         values = tuning.suggest(trial, space)
+        # a trial trains once: a stuck configuration scores as stuck instead of paying for the collapse restart
         trial_params = with_overrides(params, f"tune.space.{params.train.method} (trial {trial.number})",
-                                      {**values, "artifacts": str(layout.root)})
+                                      {"train.collapse_restart": False, **values, "artifacts": str(layout.root)})
         callback = tuning.report_callback(trial, metric)
         progress.say(f"[tuneflow] trial {trial.number}: " + ", ".join(f"{key}={value:.4g}" if isinstance(value, float)
                                                                     else f"{key}={value}" for key, value in values.items()))

@@ -290,10 +290,14 @@ def gx_checks(rows: GateTable, labels: list[str], columns: list[str], cfg: Valid
     counts["min_rows_per_split"] = min(rows.source.num_rows(name) for name in SPLITS)
     return [
         Check(check_name, not findings[check_name], counts[check_name], _gx_threshold(check_name, cfg),
-              f"GX: {message}" + (f" ({counts[check_name]} unexpected)" if findings[check_name] else ""),
+              f"GX: {message}" + (_finding_count(check_name, counts[check_name]) if findings[check_name] else ""),
               evidence=findings[check_name][: cfg.evidence_rows])
         for check_name, message in dict(GX_CHECKS.values()).items()
     ]
+
+
+def _finding_count(check_name: str, count: int) -> str:
+    return f" (smallest split: {count} rows)" if check_name == "min_rows_per_split" else f" ({count} unexpected)"
 
 
 def _expectation_id(outcome: Any) -> tuple[str, str]:

@@ -164,7 +164,6 @@ def train(gated_data: Path, gate_report: Path, ingest_card: Path, model_cfg: Mod
         raise InputError(f"train.distributed={cfg.distributed} needs a launcher: {distributed.launch_command(cfg.distributed)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    set_seed(cfg.seed, deterministic=cfg.deterministic)
     method = METHODS[cfg.method]
     card = read_json(gated_data / artifacts.DATA_CARD)
     labels = card["labels"]

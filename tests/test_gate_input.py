@@ -48,6 +48,7 @@ def test_empty_split_is_a_check_failure():
     splits = splits_from(frame) | {"test": frame.iloc[:0]}
     checks = failed(run_checks(splits, LABELS, ValidationConfig())[0])
     assert checks["min_rows_per_split"].value == 0 and checks["min_rows_per_split"].evidence[0]["split"] == "test"
+    assert checks["min_rows_per_split"].reason.endswith("(smallest split: 0 rows)")
 
 
 def test_wrong_columns_are_a_check_failure():

@@ -51,6 +51,10 @@ def test_study_prunes_and_never_reads_the_test_split(tiny_model, workdir, monkey
     assert pruned and all(trial["epochs_reported"] == 1 for trial in pruned)  # stopped after epoch 1 of 2
     assert study.summary["best_trial"] == 0 and study.overrides == {"train.learning_rate": 1e-2}
     assert json.loads((study.root / artifacts.STUDY_JSON).read_text())["best_value"] == study.summary["best_value"]
+    # trials train once: the collapse restart (on in params) is off inside a study
+    summaries = sorted(study.root.glob(f"trial-*/**/{artifacts.TRAIN_SUMMARY}"))
+    assert len(summaries) == sum(trial["state"] == "COMPLETE" for trial in trials) == 2
+    assert all(not json.loads(path.read_text())["collapse_restart"]["enabled"] for path in summaries)
 
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["tuneflow-tune"])

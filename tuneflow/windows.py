@@ -141,15 +141,11 @@ def chunk_starts(tokens: int, budget: int, overlap: int, max_chunks: int) -> lis
 
 
 def pad(windows: list[list[int]], tokenizer) -> dict[str, np.ndarray]:
-    """int64 input_ids and attention_mask, padded on the tokenizer's side to the longest window."""
-    width = max((len(window) for window in windows), default=0)
-    input_ids = np.full((len(windows), width), tokenizer.pad_token_id or 0, dtype=np.int64)
-    attention_mask = np.zeros((len(windows), width), dtype=np.int64)
-    for row, window in enumerate(windows):
-        span = slice(width - len(window), width) if tokenizer.padding_side == "left" else slice(0, len(window))
-        input_ids[row, span] = window
-        attention_mask[row, span] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    """int64 input_ids and attention_mask, padded on the tokenizer's side to the longest window (`tokenizer.pad`)."""
+    # its "use __call__, it is faster" notice is about padding after encoding text; windows are cut token lists
+    tokenizer.deprecation_warnings["Asking-to-pad-a-fast-tokenizer"] = True
+    padded = tokenizer.pad({"input_ids": windows}, return_attention_mask=True, return_tensors="np")
+    return {key: padded[key].astype(np.int64) for key in ("input_ids", "attention_mask")}
 
 
 def pool(logits: np.ndarray, owner: np.ndarray, texts: int) -> np.ndarray:
