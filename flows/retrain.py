@@ -217,21 +217,25 @@ ZOMBIE_AUTOMATION = "tuneflow: crash deployed runs that stopped sending heartbea
 MISSED_HEARTBEATS = 3
 
 
+def same_trigger(left: EventTrigger, right: EventTrigger) -> bool:
+    return left.model_dump(exclude={"id"}) == right.model_dump(exclude={"id"})
+
+
 def crash_runs_without_heartbeats(heartbeat_s: int) -> Automation:
     """Prefect's zombie detection (docs.prefect.io/v3/advanced/detect-zombie-flows), created or updated on the server:
     a deployed run whose process died (a killed `tuneflow deploy`, a lost machine) stops sending heartbeats and is marked
-    Crashed after MISSED_HEARTBEATS beats. Leaving Running frees the deployment's concurrency slot for the next run at
+    Crashed after MISSED_HEARTBEATS beats; so is one left Pending that long (its runner died before starting it). Leaving Running frees the deployment's concurrency slot for the next run at
     once; without it the dead run shows Running forever and its slot's lease holds the next run for up to 5 minutes.
     `tuneflow run` runs (no deployment tag) are left alone: their heartbeats may be slower than the window."""
     automation = Automation(
         name=ZOMBIE_AUTOMATION,
         description=f"A tuneflow deployed flow run with no heartbeat for {MISSED_HEARTBEATS} x {heartbeat_s} s is marked Crashed.",
         trigger=EventTrigger(
-            # Running (the server's own event) starts the window too: a run killed before its first heartbeat reached
-            # the server is caught as well
-            after={"prefect.flow-run.Running", "prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            # the server's own Pending and Running events start the window too: a run whose runner died before it
+            # started (stranded in Pending, holding the slot) or before its first heartbeat reached the server is caught
+            after={"prefect.flow-run.Pending", "prefect.flow-run.Running", "prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.Running", "prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
+                    "prefect.flow-run.Failed", "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
             match_related=ResourceSpecification({"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{DEPLOYED_TAG}"}),
             for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
@@ -242,7 +246,7 @@ def crash_runs_without_heartbeats(heartbeat_s: int) -> Automation:
         existing = Automation.read(name=ZOMBIE_AUTOMATION)
     except ValueError:  # not on this server yet
         return automation.create()
-    if existing.trigger.within == automation.trigger.within:
+    if same_trigger(existing.trigger, automation.trigger):
         return existing  # left as it is: updating an automation drops the windows it has open (a killed run's among them)
     automation.id = existing.id
     automation.update()

@@ -113,3 +113,35 @@ def test_a_deployed_run_killed_mid_training_neither_blocks_nor_corrupts_the_next
     assert MODEL_NAME + LOCK_SUFFIX not in [model.name for model in registry.client.search_registered_models()]
     decision = json.loads((root / a.PROMOTION / a.DECISION).read_text())
     assert decision["promoted"] and decision["version"] == champion.version
+
+
+@pytest.mark.slow  # a real server with its services: ~40 s
+def test_a_deployed_run_stranded_in_pending_is_marked_crashed(tmp_path):
+    """A runner killed after it took a run (Pending holds the deployment's slot) but before starting it sends nothing
+    more; the same automation crashes it after the window. Runs without the deployments' tag are left alone."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Pending
+
+    from flows.retrain import DEPLOYED_TAG, crash_runs_without_heartbeats
+
+    @flow
+    def stranded():
+        pass
+
+    server, env = start_prefect_server(tmp_path / ".prefect", services=True)
+    try:
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+            created = crash_runs_without_heartbeats(heartbeat_s=5)  # a 15 s window
+            assert crash_runs_without_heartbeats(heartbeat_s=5).id == created.id  # unchanged: reused, not re-created
+            deployed, other = (client.create_flow_run(stranded, tags=tags).id for tags in ([DEPLOYED_TAG], ["other"]))
+            for flow_run_id in (deployed, other):
+                client.set_flow_run_state(flow_run_id, Pending(), force=True)
+            crashed = wait_until(client, deployed, lambda run: run.state.is_crashed(), timeout_s=120)
+            left = client.read_flow_run(other)
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert crashed.state.is_crashed(), crashed.state
+    assert left.state.is_pending(), left.state
