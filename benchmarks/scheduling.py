@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import publish  # noqa: E402
+from tuneflow.artifacts import content_hash  # noqa: E402
 
 BIN = Path(sys.executable).parent
 QUICK = {"data.sample": 300, "train.epochs": 1, "evaluate.min_accuracy": 0.5, "evaluate.min_macro_f1": 0.5}
@@ -111,11 +112,15 @@ def data_change_to_challenger(folder: Path, env: dict[str, str]) -> tuple[float,
         wait_until(lambda: not any(run.state and (run.state.is_running() or run.state.is_pending())
                                    for run in flow_runs(env, "quick-watch-on-data-change")),
                    "the first quick-watch-on-data-change run ended")
+        import pandas as pd
+
         csv = folder / "bbc.csv"
-        lines = csv.read_text(encoding="utf-8").splitlines(keepends=True)
-        lines[1] = lines[1].replace(",", " (updated),", 1)
-        csv.write_text("".join(lines), encoding="utf-8")
+        before = content_hash(csv)
+        frame = pd.read_csv(csv)  # texts span lines (quoted newlines): edit a parsed text, not a line of the file
+        frame.loc[0, "text"] += " (updated)"
+        frame.to_csv(csv, index=False)
         edited = time.monotonic()
+        assert content_hash(csv) != before, "the edit left bbc.csv as it was"
         wait_until(lambda: versions(env, "bench-watch") >= 2, "v2 of bench-watch registered", poll_s=1)
         return first, time.monotonic() - edited
     finally:
