@@ -224,8 +224,9 @@ def same_trigger(left: EventTrigger, right: EventTrigger) -> bool:
 def crash_runs_without_heartbeats(heartbeat_s: int) -> Automation:
     """Prefect's zombie detection (docs.prefect.io/v3/advanced/detect-zombie-flows), created or updated on the server:
     a deployed run whose process died (a killed `tuneflow deploy`, a lost machine) stops sending heartbeats and is marked
-    Crashed after MISSED_HEARTBEATS beats; so is one left Pending that long (its runner died before starting it). Leaving Running frees the deployment's concurrency slot for the next run at
-    once; without it the dead run shows Running forever and its slot's lease holds the next run for up to 5 minutes.
+    Crashed after MISSED_HEARTBEATS beats; so is one left Pending that long (its runner died before starting it).
+    Leaving Running frees the deployment's concurrency slot for the next run at once; without it the dead run shows
+    Running forever and its slot's lease holds the next run for up to 5 minutes.
     `tuneflow run` runs (no deployment tag) are left alone: their heartbeats may be slower than the window."""
     automation = Automation(
         name=ZOMBIE_AUTOMATION,
