@@ -1,12 +1,15 @@
-"""`model.long_text` on the default job (BBC, LoRA on MiniLM-L6, max_length 128): truncate vs head_tail vs chunk.
+"""`model.long_text` on the default job (BBC, LoRA on MiniLM-L6, max_length 128): truncate vs head_tail vs chunk,
+or any settings of that job (`--variant`), each against the gate's TF-IDF baseline on the same test rows.
 
-The repository's params.yaml, in a scratch directory: ingest and the data gate once, then per policy the train and
+The repository's params.yaml, in a scratch directory: ingest and the data gate once, then per row the train and
 export stages (the stage runner, as `tuneflow train` / `tuneflow export` run them) and the shipped ONNX model on the
 test split, pooled as served. Validation macro-F1 is the saved model's as served (train_summary.json); test macro-F1
-comes with its paired bootstrap difference from truncate on the same rows. Prints a table and appends it to
-benchmarks/RESULTS.md.
+comes with its paired bootstrap difference from the first row and from the baseline (`tuneflow.baseline`, fit on
+the gated train split as the evaluation gate fits it). Prints a table and appends it to benchmarks/RESULTS.md.
 
     .venv/bin/python benchmarks/long_text.py [--policies truncate,head_tail,chunk] [--set KEY=VALUE ...]
+    .venv/bin/python benchmarks/long_text.py --variant shipped= --variant 3-epochs=train.epochs=3 \
+        --variant full=train.method=full,train.learning_rate=1e-4      # one row per NAME=KEY=VALUE[,KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -34,13 +37,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--policies", default="truncate,head_tail,chunk")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--variant", dest="variants", action="append", default=[],
+                        help="NAME=KEY=VALUE[,KEY=VALUE]: a row with these settings (replaces --policies)")
     args = parser.parse_args()
-    policies = args.policies.split(",")
+    from tuneflow.config import parse_set
+
+    if args.variants:
+        variants = {name: parse_set([pair for pair in setting.split(",") if pair])
+                    for name, _, setting in (variant.partition("=") for variant in args.variants)}
+    else:
+        variants = {policy: {"model.long_text": policy} for policy in args.policies.split(",")}
 
     from pipeline.runner import run_stage
     from pipeline.table import STAGES
     from tuneflow import artifacts as a
-    from tuneflow.config import load_params, parse_set, with_overrides
+    from tuneflow.baseline import baseline_probabilities
+    from tuneflow.config import load_params, with_overrides
     from tuneflow.data import read_splits
     from tuneflow.scoring import Bootstrap, macro_f1_along
 
@@ -51,49 +63,66 @@ def main() -> None:
     shared = with_overrides(base, "benchmark", {"artifacts": str(scratch / "shared")})
     for name in ("ingest", "validate"):
         run_stage(STAGES[name], shared)
+    gate_s = time.perf_counter() - started_all
     gated = Path(shared.artifacts) / a.VALIDATION / a.GATED_DATA
     test = read_splits(gated)["test"]
     card = json.loads((gated / a.DATA_CARD).read_text())
+    train = read_splits(gated)["train"]
+    labels = sorted(train["label"].unique())
+    truth = test["label"].map({label: index for index, label in enumerate(labels)}).to_numpy()
+    baseline_began = time.perf_counter()
+    baseline = baseline_probabilities(train["text"].tolist(), train["label"].tolist(), test["text"].tolist(), labels).argmax(axis=-1)
+    baseline_s = time.perf_counter() - baseline_began
 
     rows, predictions, interrupted = [], {}, False
     try:
-        measure(policies, base, scratch, shared, test, rows, predictions)
-    except KeyboardInterrupt:  # Ctrl-C (SIGINT): publish the policies measured so far, saying so
+        measure(variants, base, scratch, shared, test, rows, predictions)
+    except KeyboardInterrupt:  # Ctrl-C (SIGINT): publish the rows measured so far, saying so
         interrupted = True
     load_after = os.getloadavg()
     bootstrap = Bootstrap(1000, 0.95, 0)
-    lines = ["| model.long_text | validation macro-F1 (as served) | test macro-F1 | Δ test vs truncate (95 % CI) | windows per test text | "
-             "train s (epochs) | export s | test inference ms/text | batch-1 P50 / P95 ms |", "|---|---|---|---|---|---|---|---|---|"]
+    classes = np.unique(truth)
+
+    def difference(ours: np.ndarray, theirs: np.ndarray) -> str:
+        interval = bootstrap.interval(lambda t, a_, b_, axis: macro_f1_along(t, a_, classes, axis) - macro_f1_along(t, b_, classes, axis),
+                                      truth, ours, theirs)
+        return f"{interval['value']:+.4f} ({interval['low']:+.4f} to {interval['high']:+.4f})"
+
+    first_name = next(iter(variants))
+    lines = [f"| {'model.long_text' if not args.variants else 'variant'} | validation macro-F1 (as served) | test macro-F1 | "
+             f"Δ test vs {first_name} (95 % CI) | Δ test vs baseline (95 % CI) | windows per test text | "
+             "train s (epochs) | export s | test inference ms/text | batch-1 P50 / P95 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines.append(f"| TF-IDF baseline (`tuneflow.baseline`) | — | {float(macro_f1_along(truth, baseline, classes)):.4f} | — | — | — | "
+                 f"{baseline_s:.0f} (fit + score) | — | — | — |")
     for row in rows:
-        delta = "—"
-        if "truncate" in predictions and row["policy"] != "truncate":
-            classes = np.unique(row["truth"])
-            interval = bootstrap.interval(lambda t, ours, theirs, axis: macro_f1_along(t, ours, classes, axis) -
-                                          macro_f1_along(t, theirs, classes, axis),
-                                          row["truth"], predictions[row["policy"]], predictions["truncate"])
-            delta = f"{interval['value']:+.4f} ({interval['low']:+.4f} to {interval['high']:+.4f})"
+        assert (row["truth"] == truth).all(), "the ONNX model's label order differs from the baseline's"
         summary = row["summary"]
-        lines.append(f"| {row['policy']} | {summary['served_validation_macro_f1']:.4f} | {row['macro_f1']:.4f} | {delta} | "
+        versus_first = difference(predictions[row["policy"]], predictions[first_name]) if row["policy"] != first_name else "—"
+        lines.append(f"| {row['policy']} | {summary['served_validation_macro_f1']:.4f} | {row['macro_f1']:.4f} | {versus_first} | "
+                     f"{difference(predictions[row['policy']], baseline)} | "
                      f"{row['windows_per_text']:.2f} | {row['train_s']:.0f} ({summary['epochs_run']:g}) | {row['export_s']:.0f} | "
                      f"{row['test_ms_per_text']:.1f} | {row['p50']:.1f} / {row['p95']:.1f} |")
     first = rows[0]["summary"]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    header = (f"## Long texts on BBC: `model.long_text` truncate vs head_tail vs chunk (issue 13) — {stamp}\n\n"
-              f"`python benchmarks/long_text.py{' --policies ' + args.policies if args.policies != 'truncate,head_tail,chunk' else ''}"
+    title = ("The default job's settings against the TF-IDF baseline (issue 13, item 5)" if args.variants else
+             "Long texts on BBC: `model.long_text` truncate vs head_tail vs chunk (issue 13)")
+    command = (''.join(f" --variant {variant}" for variant in args.variants) if args.variants else
+               (' --policies ' + args.policies if args.policies != 'truncate,head_tail,chunk' else ''))
+    header = (f"## {title} — {stamp}\n\n"
+              f"`python benchmarks/long_text.py{command}"
               f"{''.join(' --set ' + pair for pair in args.overrides)}`; params.yaml's default job ({first['method']} on "
               f"{first['base_model']}, max_length {first['max_length']}, {base.train.epochs:g} epochs, bf16 {first['bf16']}), "
               f"head_fraction {base.model.head_fraction}, chunk_overlap {base.model.chunk_overlap}, max_chunks {base.model.max_chunks}. "
               f"Data: train {card['counts']['train']}, validation {card['counts']['validation']}, test {card['counts']['test']}. "
-              f"Per policy: the train and export stages, then the shipped ONNX model on the test split (every window, logits "
-              f"averaged per text under chunk). Machine: {os.cpu_count()} cores, {platform.machine()}, shared with other "
-              f"sessions' jobs (load average {load_before[0]:.1f} before, {load_after[0]:.1f} after), so compare rows of this "
+              f"Ingest and the data gate once ({gate_s:.0f} s); per row the train and export stages, then the shipped ONNX model on the test split (every window, logits "
+              f"averaged per text under chunk). Machine: {os.cpu_count()} cores, {platform.machine()} (load average {load_before[0]:.1f} before, {load_after[0]:.1f} after), so compare rows of this "
               f"table, not absolute times. {(time.perf_counter() - started_all) / 60:.0f} minutes in all"
-              f"{f'; interrupted after {len(rows)} of {len(policies)} policies' if interrupted else ''}.\n\n")
+              f"{f'; interrupted after {len(rows)} of {len(variants)} rows' if interrupted else ''}.\n\n")
     publish("\n" + header + "\n".join(lines) + "\n")
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def measure(policies, base, scratch, shared, test, rows, predictions) -> None:
+def measure(variants, base, scratch, shared, test, rows, predictions) -> None:
     from pipeline.runner import run_stage
     from pipeline.table import STAGES
     from tuneflow import artifacts as a
@@ -101,8 +130,8 @@ def measure(policies, base, scratch, shared, test, rows, predictions) -> None:
     from tuneflow.onnx_runtime import OnnxClassifier
     from tuneflow.scoring import macro_f1_along
 
-    for policy in policies:
-        params = with_overrides(base, "benchmark", {"artifacts": str(scratch / policy), "model.long_text": policy})
+    for policy, overrides in variants.items():
+        params = with_overrides(base, f"--variant {policy}", {**overrides, "artifacts": str(scratch / policy)})
         shutil.copytree(shared.artifacts, params.artifacts)
         began = time.perf_counter()
         run_stage(STAGES["train"], params)
