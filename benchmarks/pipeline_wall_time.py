@@ -57,7 +57,7 @@ def main() -> None:
     rows = [
         ("default job wall time (tuneflow run, incl. Prefect start)", f"{wall:.0f} s ({wall / 60:.1f} min)", "≤ 600 s (stretch 300 s)"),
         ("  of which training", f"{summary['train_time_s']:.0f} s, {summary['epochs_run']:g} epochs, {summary['train_samples_per_s']:.1f} samples/s", ""),
-        ("tuneflow test macro-F1 (ONNX, LoRA)", f"{metrics['macro_f1']:.4f}", "≥ 0.95"),
+        (f"tuneflow test macro-F1 (ONNX, {summary['method']})", f"{metrics['macro_f1']:.4f}", "≥ 0.95"),
         ("tuneflow test accuracy", f"{metrics['accuracy']:.4f}", ""),
         ("TF-IDF + logistic regression macro-F1 (same split)", f"{baseline['macro_f1']:.4f} (Δ model − baseline "
          f"{baseline['macro_f1_difference']['value']:+.4f}, 95 % CI {baseline['macro_f1_difference']['low']:+.4f} to "
