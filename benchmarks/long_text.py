@@ -65,9 +65,9 @@ def main() -> None:
         run_stage(STAGES[name], shared)
     gate_s = time.perf_counter() - started_all
     gated = Path(shared.artifacts) / a.VALIDATION / a.GATED_DATA
-    test = read_splits(gated)["test"]
+    splits = read_splits(gated)
+    train, test = splits["train"], splits["test"]
     card = json.loads((gated / a.DATA_CARD).read_text())
-    train = read_splits(gated)["train"]
     labels = sorted(train["label"].unique())
     truth = test["label"].map({label: index for index, label in enumerate(labels)}).to_numpy()
     baseline_began = time.perf_counter()
