@@ -51,6 +51,7 @@ def main() -> None:
     from pipeline.runner import run_stage
     from pipeline.table import STAGES
     from tuneflow import artifacts as a
+    from tasks.evaluate import Scored
     from tuneflow.baseline import baseline_probabilities
     from tuneflow.config import load_params, with_overrides
     from tuneflow.data import read_splits
@@ -83,9 +84,8 @@ def main() -> None:
     bootstrap = Bootstrap(1000, 0.95, 0)
     classes = np.unique(truth)
 
-    def difference(ours: np.ndarray, theirs: np.ndarray) -> str:
-        interval = bootstrap.interval(lambda t, a_, b_, axis: macro_f1_along(t, a_, classes, axis) - macro_f1_along(t, b_, classes, axis),
-                                      truth, ours, theirs)
+    def difference(ours: np.ndarray, theirs: np.ndarray) -> str:  # the gate's own paired interval
+        interval = Scored(truth, ours, classes).macro_f1_difference(theirs, bootstrap)
         return f"{interval['value']:+.4f} ({interval['low']:+.4f} to {interval['high']:+.4f})"
 
     first_name = next(iter(variants))
